@@ -1,0 +1,190 @@
+"""The typed, validated run configuration shared by the CLI, the ServerApp and the ClientApp.
+
+One ``RunConfig`` describes a run completely; ``config.json`` in a run directory is its ``to_dict()``.
+Flower's ``run_config`` carries it as flat dash-separated keys (``to_run_config`` / ``from_run_config``),
+since Flower's config records hold only scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from metafleet.common.errors import ConfigError
+from metafleet.common.meta import ALGORITHMS
+from metafleet.common.optim import OUTER_OPTIMIZERS
+
+DATASETS = ("sinusoid", "watch", "omniglot", "fashion-mnist", "shakespeare")
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    shots: int
+    query_shots: int
+    inner_lr: float
+    eval_steps: tuple[int, ...]
+    clients: int
+    held_out_clients: int
+
+
+# Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
+DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
+    "sinusoid": DatasetDefaults(10, 10, 0.01, (0, 1, 5, 10), clients=200, held_out_clients=20),
+    "watch": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=10, held_out_clients=2),
+    "omniglot": DatasetDefaults(1, 5, 0.4, (0, 1, 5), clients=9, held_out_clients=2),
+    "fashion-mnist": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=100, held_out_clients=10),
+    "shakespeare": DatasetDefaults(8, 8, 0.5, (0, 1, 5), clients=100, held_out_clients=10),
+}
+
+# Reptile and FedAvg send θ − θ', so plain SGD with step 1 is model averaging; gradient-based methods
+# send query gradients, which Adam scales sensibly without per-dataset tuning.
+ALGORITHM_OUTER_DEFAULTS: dict[str, tuple[str, float]] = {
+    "fedavg": ("sgd", 1.0),
+    "reptile": ("sgd", 1.0),
+    "fomaml": ("adam", 0.003),
+    "maml": ("adam", 0.003),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run. Build it with ``RunConfig.resolve(...)``, which validates it."""
+
+    dataset: str = "sinusoid"
+    algorithm: str = "reptile"
+    clients: int = 0
+    held_out_clients: int = 0
+    clients_per_round: int = 10
+    rounds: int = 50
+    inner_steps: int = 5
+    inner_lr: float = 0.0
+    outer_optimizer: str = ""
+    outer_lr: float = 0.0
+    shots: int = 0
+    query_shots: int = 0
+    eval_every: int = 10
+    eval_steps: tuple[int, ...] = field(default_factory=tuple)
+    min_replies: int = 1
+    max_update_norm: float = 1e4
+    secure_aggregation: bool = False
+    seed: int = 0
+
+    @classmethod
+    def resolve(cls, **values: Any) -> RunConfig:
+        """Fill dataset and algorithm defaults for every value left out (or None), then validate."""
+        given = {key: value for key, value in values.items() if value is not None}
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(unknown[0], given[unknown[0]], "is not a known config field")
+        dataset = given.get("dataset", cls.dataset)
+        if dataset not in DATASETS:
+            raise ConfigError("dataset", dataset, f"must be one of {list(DATASETS)}")
+        algorithm = given.get("algorithm", cls.algorithm)
+        if algorithm not in ALGORITHMS:
+            raise ConfigError("algorithm", algorithm, f"must be one of {sorted(ALGORITHMS)}")
+        defaults = DATASET_DEFAULTS[dataset]
+        outer_optimizer, outer_lr = ALGORITHM_OUTER_DEFAULTS[algorithm]
+        filled: dict[str, Any] = {
+            "clients": defaults.clients,
+            "shots": defaults.shots,
+            "query_shots": defaults.query_shots,
+            "inner_lr": defaults.inner_lr,
+            "eval_steps": defaults.eval_steps,
+            "outer_optimizer": outer_optimizer,
+        }
+        filled.update(given)
+        if "held_out_clients" not in given:
+            filled["held_out_clients"] = (
+                defaults.held_out_clients
+                if filled["clients"] == defaults.clients
+                else max(1, filled["clients"] // 10)
+            )
+        if "clients_per_round" not in given:
+            filled["clients_per_round"] = min(10, filled["clients"] - filled["held_out_clients"])
+        if "outer_lr" not in given:
+            filled["outer_lr"] = outer_lr if filled["outer_optimizer"] == outer_optimizer else 1e-3
+        if isinstance(filled["eval_steps"], str):
+            filled["eval_steps"] = _parse_int_list("eval_steps", filled["eval_steps"])
+        filled["eval_steps"] = tuple(filled["eval_steps"])
+        config = cls(**filled)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first field whose value is invalid."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type))
+            if expected is not None and (
+                not isinstance(value, expected) or (expected is not bool and isinstance(value, bool))
+            ):
+                raise ConfigError(f.name, value, f"must be of type {f.type}")
+        if self.dataset not in DATASETS:
+            raise ConfigError("dataset", self.dataset, f"must be one of {list(DATASETS)}")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError("algorithm", self.algorithm, f"must be one of {sorted(ALGORITHMS)}")
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            raise ConfigError("outer_optimizer", self.outer_optimizer, f"must be one of {list(OUTER_OPTIMIZERS)}")
+        _require(self, "clients", self.clients >= 2, "must be >= 2")
+        _require(self, "held_out_clients", 1 <= self.held_out_clients < self.clients, "must be in [1, clients)")
+        training = self.clients - self.held_out_clients
+        _require(self, "clients_per_round", 1 <= self.clients_per_round <= training,
+                 f"must be in [1, {training}] (the number of training clients)")
+        _require(self, "rounds", self.rounds >= 1, "must be >= 1")
+        _require(self, "inner_steps", self.inner_steps >= 1, "must be >= 1")
+        _require(self, "inner_lr", _finite_positive(self.inner_lr), "must be a finite number > 0")
+        _require(self, "outer_lr", _finite_positive(self.outer_lr), "must be a finite number > 0")
+        _require(self, "shots", self.shots >= 1, "must be >= 1")
+        _require(self, "query_shots", self.query_shots >= 1, "must be >= 1")
+        _require(self, "eval_every", self.eval_every >= 1, "must be >= 1")
+        steps = list(self.eval_steps)
+        _require(self, "eval_steps", bool(steps) and steps[0] == 0 and steps == sorted(set(steps)),
+                 "must be strictly increasing integers starting at 0")
+        _require(self, "min_replies", 1 <= self.min_replies <= self.clients_per_round,
+                 "must be in [1, clients_per_round]")
+        _require(self, "max_update_norm", _finite_positive(self.max_update_norm), "must be a finite number > 0")
+
+    @property
+    def training_clients(self) -> int:
+        return self.clients - self.held_out_clients
+
+    def replace(self, **changes: Any) -> RunConfig:
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["eval_steps"] = list(self.eval_steps)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return cls.resolve(**data)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower's flat ``run_config``: dash-separated keys, scalar values only."""
+        flat = {key.replace("_", "-"): value for key, value in self.to_dict().items()}
+        flat["eval-steps"] = ",".join(str(s) for s in self.eval_steps)
+        return flat
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
+        return cls.resolve(**{key.replace("-", "_"): value for key, value in run_config.items()})
+
+
+def _require(config: RunConfig, name: str, ok: bool, requirement: str) -> None:
+    if not ok:
+        raise ConfigError(name, getattr(config, name), requirement)
+
+
+def _finite_positive(value: float) -> bool:
+    return value > 0 and value != float("inf")
+
+
+def _parse_int_list(name: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(name, text, "must be comma-separated integers") from None

@@ -1,0 +1,181 @@
+"""Client data: each device's private support and query pools, episode sampling, held-out clients.
+
+A client owns one or more *splits*, each a (support pool, query pool) pair that share no recording, so
+that overlapping sensor windows never leak from support into query. An episode draws K examples per class
+(or K points, for regression) from the support pool of one split and its query set from the same split's
+query pool.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from metafleet.common.errors import DataError
+from metafleet.common.meta import Batch, Episode, Objective
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Split:
+    """A support pool and a query pool that share no recording."""
+
+    support: Batch
+    query: Batch
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One device's private data. ``num_classes`` is None for regression."""
+
+    client_id: int
+    splits: tuple[Split, ...]
+    num_classes: int | None
+
+    def validate(self, input_shape: tuple[int, ...]) -> None:
+        """Raise ``DataError`` naming the client and the problem if any pool is unusable."""
+        if not self.splits:
+            raise DataError(f"client {self.client_id} has no data")
+        for index, split in enumerate(self.splits):
+            for role, batch in (("support", split.support), ("query", split.query)):
+                validate_batch(batch, input_shape, self.num_classes, f"client {self.client_id} split {index} {role}")
+
+    def sample_episode(
+        self, rng: np.random.Generator, shots: int, query_shots: int, ways: int | None = None
+    ) -> Episode:
+        """A random episode: ``shots`` support and ``query_shots`` query examples per class (or points).
+
+        With ``ways`` set, the episode uses that many of the client's classes, relabelled 0..ways-1.
+        """
+        split = self.splits[rng.integers(len(self.splits))]
+        if self.num_classes is None:
+            return Episode(_take(split.support, rng, shots), _take(split.query, rng, query_shots))
+        classes = np.arange(self.num_classes) if ways is None else rng.choice(self.num_classes, ways, replace=False)
+        return Episode(
+            _per_class(split.support, classes, shots, rng, self.client_id),
+            _per_class(split.query, classes, query_shots, rng, self.client_id),
+        )
+
+    def evaluation_episodes(self, shots: int, seed: int, ways: int | None = None) -> list[Episode]:
+        """Fixed episodes for personalization evaluation: one per split, the whole query pool as query set."""
+        rng = np.random.default_rng([seed, self.client_id, 7])
+        episodes = []
+        for split in self.splits:
+            if self.num_classes is None:
+                episodes.append(Episode(_take(split.support, rng, shots), split.query))
+                continue
+            classes = np.arange(self.num_classes) if ways is None else rng.choice(self.num_classes, ways, replace=False)
+            support = _per_class(split.support, classes, shots, rng, self.client_id)
+            episodes.append(Episode(support, _relabel(split.query, classes)))
+        return episodes
+
+
+def _take(batch: Batch, rng: np.random.Generator, count: int) -> Batch:
+    x, y = batch
+    index = torch.from_numpy(rng.choice(len(x), size=min(count, len(x)), replace=False))
+    return x[index], y[index]
+
+
+def _per_class(batch: Batch, classes: np.ndarray, shots: int, rng: np.random.Generator, client_id: int) -> Batch:
+    x, y = batch
+    labels = y.numpy()
+    chosen, new_labels = [], []
+    for new_label, cls in enumerate(classes):
+        candidates = np.flatnonzero(labels == cls)
+        if len(candidates) == 0:
+            raise DataError(f"client {client_id} has no example of class {int(cls)} in a pool it samples from")
+        chosen.append(rng.choice(candidates, size=shots, replace=len(candidates) < shots))
+        new_labels.append(np.full(shots, new_label))
+    index = torch.from_numpy(np.concatenate(chosen))
+    return x[index], torch.from_numpy(np.concatenate(new_labels)).long()
+
+
+def _relabel(batch: Batch, classes: np.ndarray) -> Batch:
+    x, y = batch
+    keep = torch.from_numpy(np.isin(y.numpy(), classes))
+    mapping = {int(cls): new for new, cls in enumerate(classes)}
+    return x[keep], torch.tensor([mapping[int(label)] for label in y[keep]], dtype=torch.long)
+
+
+def validate_batch(batch: Batch, input_shape: tuple[int, ...], num_classes: int | None, where: str) -> None:
+    """Raise ``DataError`` if a batch is empty, wrongly shaped, not finite, or has labels out of range."""
+    x, y = batch
+    if len(x) == 0:
+        raise DataError(f"{where} is empty")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise DataError(f"{where} has examples of shape {tuple(x.shape[1:])}, expected {tuple(input_shape)}")
+    if len(y) != len(x):
+        raise DataError(f"{where} has {len(x)} examples but {len(y)} labels")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise DataError(f"{where} holds NaN or Inf values")
+    if num_classes is None:
+        if not torch.isfinite(y).all():
+            raise DataError(f"{where} holds NaN or Inf targets")
+    elif y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"{where} has labels outside [0, {num_classes})")
+
+
+class Fleet(ABC):
+    """A federated data set: clients ``0..num_clients-1``, each a device with private data."""
+
+    name: str
+    objective: Objective
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    ways: int | None = None
+
+    @property
+    @abstractmethod
+    def num_clients(self) -> int: ...
+
+    @abstractmethod
+    def client(self, client_id: int) -> ClientData:
+        """The client's data, validated."""
+
+    @abstractmethod
+    def make_model(self) -> nn.Module: ...
+
+    def check_client_id(self, client_id: int) -> None:
+        if not 0 <= client_id < self.num_clients:
+            raise DataError(f"{self.name} has clients 0..{self.num_clients - 1}, not {client_id}")
+
+
+def held_out_client_ids(num_clients: int, held_out: int, seed: int) -> list[int]:
+    """The clients never trained on: a seeded choice, the same on the server and on every device."""
+    if not 1 <= held_out < num_clients:
+        raise DataError(f"cannot hold out {held_out} of {num_clients} clients")
+    permutation = np.random.default_rng([seed, 1234]).permutation(num_clients)
+    return sorted(int(i) for i in permutation[:held_out])
+
+
+def as_tensor_batch(x: np.ndarray, y: np.ndarray, target_dtype: torch.dtype) -> Batch:
+    return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=target_dtype)
+
+
+FleetFactory = Callable[..., Fleet]
+
+
+def mean_and_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; 0 for a single value)."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        raise ValueError("no values to summarize")
+    if array.size == 1:
+        return float(array[0]), 0.0
+    sem = array.std(ddof=1) / np.sqrt(array.size)
+    return float(array.mean()), float(_t_quantile_975(array.size - 1) * sem)
+
+
+def _t_quantile_975(dof: int) -> float:
+    # Two-sided 95% Student t quantiles; beyond 30 degrees of freedom the normal value is within 2%.
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+             10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+             18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
+    if dof in table:
+        return table[dof]
+    if dof < 30:
+        return table[max(k for k in table if k < dof)]
+    return 1.96 + 2.4 / dof

@@ -1,0 +1,255 @@
+"""Functional meta-learning core: inner-loop adaptation and each algorithm's local update.
+
+Everything here is a pure function of a parameter dict evaluated with ``torch.func``: no module is copied
+or mutated, so MAML's second-order graph lives exactly as long as one call. (learn2learn's mutable
+``clone()`` keeps graphs alive through module attributes, which is where its users' memory growth comes
+from.)
+
+Every algorithm returns a *pseudo-gradient* ``g``; the server moves ``θ ← θ − β·mean(g)`` or feeds
+``mean(g)`` to Adam (see ``optim``). For ``reptile`` and ``fedavg`` ``g = θ − θ'`` (FedJAX's convention),
+so plain SGD with ``β = 1`` is exactly model averaging; for ``fomaml`` and ``maml`` ``g`` is a query-loss
+gradient. One outer mechanism therefore serves all four algorithms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from metafleet.common.errors import ConfigError
+from torch import Tensor, nn
+from torch.func import functional_call, grad, grad_and_value
+
+Params = dict[str, Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training loss and the metric users read, with the direction that is better."""
+
+    metric_name: str
+    loss: Callable[[Tensor, Tensor], Tensor]
+    metric: Callable[[Tensor, Tensor], Tensor]
+    higher_is_better: bool
+
+
+def _flat_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    # Sequence models emit (batch, time, classes); flattening lets one objective serve both shapes.
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def _accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    predicted = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1)
+    return (predicted == target.reshape(-1)).float().mean()
+
+
+REGRESSION = Objective("mse", F.mse_loss, F.mse_loss, higher_is_better=False)
+CLASSIFICATION = Objective("accuracy", _flat_cross_entropy, _accuracy, higher_is_better=True)
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One client's task for one round: adapt on ``support``, measure on ``query``."""
+
+    support: Batch
+    query: Batch
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.support[0].shape[0] + self.query[0].shape[0])
+
+    def union(self) -> Batch:
+        return (torch.cat([self.support[0], self.query[0]]), torch.cat([self.support[1], self.query[1]]))
+
+
+class FunctionalModel:
+    """An ``nn.Module`` seen as a pure function ``f(params, x)``.
+
+    The module's own tensors are never changed. Buffers are passed as constants, so norms should not track
+    running statistics (the bundled models use GroupNorm, which also behaves on 5-example support sets).
+    """
+
+    def __init__(self, module: nn.Module, objective: Objective):
+        self.module = module
+        self.objective = objective
+        self.buffers: Params = {name: b.detach() for name, b in module.named_buffers()}
+
+    def init_params(self) -> Params:
+        return {name: p.detach().clone() for name, p in self.module.named_parameters()}
+
+    def forward(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self.module, (params, self.buffers), (x,), strict=True)
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        x, y = batch
+        return self.objective.loss(self.forward(params, x), y)
+
+    @torch.no_grad()
+    def metric(self, params: Params, batch: Batch) -> float:
+        x, y = batch
+        return float(self.objective.metric(self.forward(params, x), y))
+
+
+def _detached(params: Params) -> Params:
+    return {name: t.detach() for name, t in params.items()}
+
+
+def adapt(
+    fmodel: FunctionalModel,
+    params: Params,
+    support: Batch,
+    steps: int,
+    inner_lr: float,
+    *,
+    differentiable: bool = False,
+) -> Params:
+    """``steps`` plain SGD steps on ``support`` from ``params``; returns the adapted parameters.
+
+    With ``differentiable=True`` the steps stay on the autograd tape of an enclosing ``torch.func.grad``
+    (second-order MAML); otherwise every step is cut from it, which is what first-order methods and
+    on-device personalization need and keeps memory flat in ``steps``.
+    """
+    if steps < 0:
+        raise ConfigError("inner_steps", steps, "must be >= 0")
+    loss_grad = grad(fmodel.loss)
+    if not differentiable:
+        params = _detached(params)
+    for _ in range(steps):
+        grads = loss_grad(params, support)
+        if not differentiable:
+            grads = _detached(grads)
+        params = {name: p - inner_lr * grads[name] for name, p in params.items()}
+    return params
+
+
+@dataclass
+class LocalUpdate:
+    """What a client sends: a pseudo-gradient, its aggregation weight, and scalar metrics."""
+
+    pseudo_grad: Params
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def _difference(before: Params, after: Params) -> Params:
+    return {name: before[name] - after[name] for name in before}
+
+
+def fedavg_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
+    """FedAvg (McMahan et al., AISTATS 2017): ``steps`` SGD steps on all local data; ``g = θ − θ'``."""
+    data = episode.union()
+    trained = adapt(fmodel, params, data, steps, lr)
+    return LocalUpdate(
+        _difference(params, trained),
+        episode.num_examples,
+        {"loss-before": float(fmodel.loss(params, data)), "loss-after": float(fmodel.loss(trained, data))},
+    )
+
+
+def reptile_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
+    """Reptile (Nichol, Achiam & Schulman, arXiv:1803.02999): ``steps`` SGD steps on support; ``g = θ − θ'``."""
+    adapted = adapt(fmodel, params, episode.support, steps, lr)
+    return LocalUpdate(
+        _difference(params, adapted),
+        episode.num_examples,
+        {
+            "loss-before": float(fmodel.loss(params, episode.query)),
+            "loss-after": float(fmodel.loss(adapted, episode.query)),
+        },
+    )
+
+
+def fomaml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
+    """First-order MAML (Finn et al., ICML 2017, sec. 5.2): the query gradient at the adapted parameters."""
+    adapted = adapt(fmodel, params, episode.support, steps, lr)
+    query_grad, query_loss = grad_and_value(fmodel.loss)(adapted, episode.query)
+    return LocalUpdate(
+        _detached(query_grad),
+        episode.num_examples,
+        {"loss-before": float(fmodel.loss(params, episode.query)), "loss-after": float(query_loss)},
+    )
+
+
+def maml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
+    """MAML (Finn, Abbeel & Levine, ICML 2017): the exact second-order meta-gradient through ``steps`` steps."""
+
+    def query_loss_after_adaptation(theta: Params) -> Tensor:
+        return fmodel.loss(adapt(fmodel, theta, episode.support, steps, lr, differentiable=True), episode.query)
+
+    meta_grad, query_loss = grad_and_value(query_loss_after_adaptation)(_detached(params))
+    return LocalUpdate(
+        _detached(meta_grad),
+        episode.num_examples,
+        {"loss-before": float(fmodel.loss(params, episode.query)), "loss-after": float(query_loss)},
+    )
+
+
+LocalUpdateFn = Callable[[FunctionalModel, Params, Episode, int, float], LocalUpdate]
+
+ALGORITHMS: dict[str, LocalUpdateFn] = {
+    "fedavg": fedavg_update,
+    "reptile": reptile_update,
+    "fomaml": fomaml_update,
+    "maml": maml_update,
+}
+
+
+def local_update(
+    algorithm: str, fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float
+) -> LocalUpdate:
+    """Dispatch to the named algorithm's local update."""
+    try:
+        update_fn = ALGORITHMS[algorithm]
+    except KeyError:
+        raise ConfigError("algorithm", algorithm, f"must be one of {sorted(ALGORITHMS)}") from None
+    return update_fn(fmodel, params, episode, steps, lr)
+
+
+def personalization_curve(
+    fmodel: FunctionalModel,
+    params: Params,
+    support: Batch,
+    query: Batch,
+    steps: Sequence[int],
+    inner_lr: float,
+) -> list[float]:
+    """The query metric after each number of adaptation steps in ``steps`` (ascending, from 0).
+
+    Adaptation is incremental, so the whole curve costs ``max(steps)`` inner steps.
+    """
+    if not steps or steps[0] != 0 or list(steps) != sorted(set(steps)):
+        raise ConfigError("eval_steps", list(steps), "must be strictly increasing and start at 0")
+    curve = []
+    adapted, done = _detached(params), 0
+    for target in steps:
+        adapted = adapt(fmodel, adapted, support, target - done, inner_lr)
+        done = target
+        curve.append(fmodel.metric(adapted, query))
+    return curve
+
+
+def check_update(update: Params, reference: Params) -> None:
+    """Raise ``ValueError`` naming the problem if ``update`` does not fit ``reference`` or is not finite.
+
+    Used by a client before sending (SecAgg+ would turn a NaN into silent garbage) and by the server on
+    every reply.
+    """
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        raise ValueError(f"update keys differ from the model's: missing {missing}, unexpected {extra}")
+    for name, ref in reference.items():
+        value = update[name]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(f"update '{name}' has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if value.dtype != ref.dtype:
+            raise ValueError(f"update '{name}' has dtype {value.dtype}, expected {ref.dtype}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"update '{name}' holds NaN or Inf")
+
+
+def global_norm(tensors: Params) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))

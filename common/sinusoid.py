@@ -1,0 +1,53 @@
+"""Generated sinusoid regression fleet, the MAML paper's setting (Finn et al., 2017, sec. 5.1).
+
+Client ``i`` is the function ``A·sin(x − φ)`` with amplitude A ~ U[0.1, 5.0] and phase φ ~ U[0, π], and
+private points x ~ U[−5, 5]. Clients are generated on demand from ``(seed, i)``, so a fleet of 10,000
+costs nothing until a client is asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from metafleet.common.data import ClientData, Fleet, Split
+from metafleet.common.meta import REGRESSION
+from metafleet.common.models import SinusoidMLP
+
+
+class SinusoidFleet(Fleet):
+    name = "sinusoid"
+    objective = REGRESSION
+    input_shape = (1,)
+    num_classes = None
+
+    def __init__(self, num_clients: int, seed: int = 0, points_per_pool: int = 50):
+        if num_clients < 1:
+            raise ValueError(f"a fleet needs at least one client, got {num_clients}")
+        self._num_clients = num_clients
+        self.seed = seed
+        self.points_per_pool = points_per_pool
+
+    @property
+    def num_clients(self) -> int:
+        return self._num_clients
+
+    def task_parameters(self, client_id: int) -> tuple[float, float]:
+        rng = np.random.default_rng([self.seed, client_id, 1])
+        return float(rng.uniform(0.1, 5.0)), float(rng.uniform(0.0, np.pi))
+
+    def client(self, client_id: int) -> ClientData:
+        self.check_client_id(client_id)
+        amplitude, phase = self.task_parameters(client_id)
+        rng = np.random.default_rng([self.seed, client_id, 2])
+
+        def pool() -> tuple[torch.Tensor, torch.Tensor]:
+            x = rng.uniform(-5.0, 5.0, size=(self.points_per_pool, 1))
+            y = amplitude * np.sin(x - phase)
+            return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+
+        data = ClientData(client_id, (Split(pool(), pool()),), num_classes=None)
+        data.validate(self.input_shape)
+        return data
+
+    def make_model(self) -> SinusoidMLP:
+        return SinusoidMLP()

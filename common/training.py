@@ -1,0 +1,84 @@
+"""The round logic shared by every path: aggregation, the outer step, personalization evaluation.
+
+The federated server, the secure-aggregation path and the centralized reference loop all call these, so
+the meta-update exists once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from metafleet.common.config import RunConfig
+from metafleet.common.data import ClientData, Fleet
+from metafleet.common.meta import FunctionalModel, LocalUpdate, Params, local_update, personalization_curve
+from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
+
+
+def weighted_mean(updates: Sequence[Params], weights: Sequence[float]) -> Params:
+    """The weighted mean of pseudo-gradients (weights: example counts), as FedAvg aggregates."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"aggregation weights must sum to > 0, got {list(weights)}")
+    return {
+        name: sum(update[name] * (weight / total) for update, weight in zip(updates, weights, strict=True))
+        for name in updates[0]
+    }
+
+
+def client_train(
+    fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig, rng: np.random.Generator,
+    ways: int | None = None,
+) -> LocalUpdate:
+    """One client's work in one round: sample an episode from its data, run the algorithm's local update."""
+    episode = client.sample_episode(rng, config.shots, config.query_shots, ways)
+    return local_update(config.algorithm, fmodel, params, episode, config.inner_steps, config.inner_lr)
+
+
+def client_personalization(
+    fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig, ways: int | None = None
+) -> list[float]:
+    """The client's query metric after each of ``config.eval_steps`` adaptation steps, mean over its episodes."""
+    curves = [
+        personalization_curve(fmodel, params, episode.support, episode.query, config.eval_steps, config.inner_lr)
+        for episode in client.evaluation_episodes(config.shots, config.seed, ways)
+    ]
+    return [float(v) for v in np.mean(curves, axis=0)]
+
+
+@dataclass
+class CentralizedResult:
+    params: Params
+    losses: list[float]
+
+
+def meta_train_centralized(
+    fleet: Fleet,
+    config: RunConfig,
+    client_ids: Sequence[int],
+    on_round: Callable[[int, float], None] | None = None,
+) -> CentralizedResult:
+    """The federated algorithm without a network: each round, sample clients, average their updates, step.
+
+    A reference for tests and for checking that the federated path changes nothing.
+    """
+    torch.manual_seed(config.seed)
+    fmodel = FunctionalModel(fleet.make_model(), fleet.objective)
+    params = fmodel.init_params()
+    optimizer: OuterOptimizer = make_outer_optimizer(config.outer_optimizer, config.outer_lr)
+    rng = np.random.default_rng(config.seed)
+    clients = {i: fleet.client(i) for i in client_ids}
+    losses = []
+    for round_number in range(1, config.rounds + 1):
+        sampled = rng.choice(list(client_ids), size=config.clients_per_round, replace=False)
+        updates = [client_train(fmodel, params, clients[int(i)], config, rng, fleet.ways) for i in sampled]
+        mean = weighted_mean([u.pseudo_grad for u in updates], [u.num_examples for u in updates])
+        params = optimizer.step(params, mean)
+        losses.append(float(np.mean([u.metrics["loss-after"] for u in updates])))
+        if on_round is not None:
+            on_round(round_number, losses[-1])
+    return CentralizedResult(params, losses)

@@ -1,0 +1,45 @@
+import pytest
+from metafleet.common.config import RunConfig
+from metafleet.common.errors import ConfigError
+
+
+def test_defaults_resolve_per_dataset_and_algorithm():
+    config = RunConfig.resolve(dataset="watch", algorithm="maml")
+    assert (config.clients, config.held_out_clients, config.training_clients) == (10, 2, 8)
+    assert config.outer_optimizer == "adam"
+    assert config.eval_steps[0] == 0
+
+
+def test_round_trips_through_json_dict_and_flower_run_config():
+    config = RunConfig.resolve(dataset="sinusoid", algorithm="fomaml", rounds=7, eval_steps="0,2,4")
+    assert config.eval_steps == (0, 2, 4)
+    assert RunConfig.from_dict(config.to_dict()) == config
+    flat = config.to_run_config()
+    assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
+    assert RunConfig.from_run_config(flat) == config
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("inner_lr", -0.1, "must be a finite number > 0"),
+        ("outer_lr", float("nan"), "must be a finite number > 0"),
+        ("rounds", 0, "must be >= 1"),
+        ("rounds", "ten", "must be of type int"),
+        ("secure_aggregation", "yes", "must be of type bool"),
+        ("dataset", "mnist", "must be one of"),
+        ("algorithm", "sgd", "must be one of"),
+        ("outer_optimizer", "rmsprop", "must be one of"),
+        ("clients_per_round", 500, "the number of training clients"),
+        ("held_out_clients", 200, "must be in \\[1, clients\\)"),
+        ("eval_steps", "1,5", "starting at 0"),
+        ("eval_steps", "0,x", "comma-separated integers"),
+        ("frobnicate", 1, "is not a known config field"),
+    ],
+)
+def test_bad_value_names_field_and_value(field, value, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        RunConfig.resolve(**{"dataset": "sinusoid", field: value})
+    assert caught.value.field == field
+    assert f"config field '{field}'" in str(caught.value)
+    assert repr(value) in str(caught.value) or field == "eval_steps"
