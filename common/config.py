@@ -16,6 +16,8 @@ from metafleet.common.meta import ALGORITHMS
 from metafleet.common.optim import OUTER_OPTIMIZERS
 
 DATASETS = ("sinusoid", "watch", "omniglot", "fashion-mnist", "shakespeare")
+# Run-config keys for the server process only (where to write, whether to resume); devices ignore them.
+SERVER_OPTION_KEYS = ("out-dir", "resume", "node-wait-seconds", "round-timeout")
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,8 @@ class RunConfig:
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
-        return cls.resolve(**{key.replace("-", "_"): value for key, value in run_config.items()})
+        learning = {k: v for k, v in run_config.items() if k not in SERVER_OPTION_KEYS}
+        return cls.resolve(**{key.replace("-", "_"): value for key, value in learning.items()})
 
 
 def _require(config: RunConfig, name: str, ok: bool, requirement: str) -> None:

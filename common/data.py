@@ -135,8 +135,10 @@ class Fleet(ABC):
     def client(self, client_id: int) -> ClientData:
         """The client's data, validated."""
 
+    @classmethod
     @abstractmethod
-    def make_model(self) -> nn.Module: ...
+    def make_model(cls) -> nn.Module:
+        """A fresh model for this data set; needs no data, so the server can build it too."""
 
     def check_client_id(self, client_id: int) -> None:
         if not 0 <= client_id < self.num_clients:

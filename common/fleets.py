@@ -5,20 +5,35 @@ from __future__ import annotations
 from metafleet.common.config import RunConfig
 from metafleet.common.data import Fleet, held_out_client_ids
 from metafleet.common.errors import ConfigError
+from torch import nn
+
+
+def fleet_class(dataset: str) -> type[Fleet]:
+    if dataset == "sinusoid":
+        from metafleet.common.sinusoid import SinusoidFleet
+
+        return SinusoidFleet
+    if dataset == "watch":
+        from metafleet.common.watch import WatchFleet
+
+        return WatchFleet
+    raise ConfigError("dataset", dataset, "is not available in this version (sinusoid, watch are)")
 
 
 def make_fleet(config: RunConfig) -> Fleet:
-    if config.dataset == "sinusoid":
-        from metafleet.common.sinusoid import SinusoidFleet
-
-        return SinusoidFleet(config.clients, seed=config.seed)
+    cls = fleet_class(config.dataset)
     if config.dataset == "watch":
-        from metafleet.common.watch import NUM_SUBJECTS, WatchFleet
+        from metafleet.common.watch import NUM_SUBJECTS
 
         if config.clients != NUM_SUBJECTS:
             raise ConfigError("clients", config.clients, f"must be {NUM_SUBJECTS} for watch (one per subject)")
-        return WatchFleet(held_out_client_ids(config.clients, config.held_out_clients, config.seed))
-    raise ConfigError("dataset", config.dataset, "is not available in this version (sinusoid, watch are)")
+        return cls(held_out_client_ids(config.clients, config.held_out_clients, config.seed))
+    return cls(config.clients, seed=config.seed)
+
+
+def make_model(config: RunConfig) -> nn.Module:
+    """The run's model, built without reading any data (the server has none)."""
+    return fleet_class(config.dataset).make_model()
 
 
 def split_clients(config: RunConfig) -> tuple[list[int], list[int]]:

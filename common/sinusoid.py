@@ -49,5 +49,6 @@ class SinusoidFleet(Fleet):
         data.validate(self.input_shape)
         return data
 
-    def make_model(self) -> SinusoidMLP:
+    @classmethod
+    def make_model(cls) -> SinusoidMLP:
         return SinusoidMLP()

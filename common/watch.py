@@ -116,5 +116,6 @@ class WatchFleet(Fleet):
         data.validate(self.input_shape)
         return data
 
-    def make_model(self) -> SensorCNN:
+    @classmethod
+    def make_model(cls) -> SensorCNN:
         return SensorCNN(NUM_CLASSES, CHANNELS)

@@ -15,7 +15,14 @@ from metafleet.common.meta import (
 )
 from torch import nn
 
-torch.set_default_dtype(torch.float64)  # the comparisons below are about the math, not float32 rounding
+
+@pytest.fixture(autouse=True)
+def _double_precision():
+    # The comparisons below are about the math, not float32 rounding.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _small_mlp() -> nn.Module:

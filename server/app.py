@@ -1,0 +1,172 @@
+"""The metafleet ServerApp: discovers the fleet, runs the meta-training rounds, checkpoints, evaluates.
+
+The round loop is ours rather than ``Strategy.start`` because a run must checkpoint after every round and
+resume from the last checkpoint, which ``start`` cannot; the strategy's configure/aggregate methods do the
+per-round work exactly as in Flower's own loop.
+
+Server-only options ride in the run config beside the learning config: ``out-dir``, ``resume``,
+``node-wait-seconds``, ``round-timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from metafleet.common.config import RunConfig
+from metafleet.common.errors import MetafleetError
+from metafleet.common.fleets import make_model
+from metafleet.common.records import to_array_record
+from metafleet.server.report import metric_name, write_report
+from metafleet.server.rundir import RunDirectory
+from metafleet.server.strategy import MetaStrategy, make_strategy, short_reason
+
+log = logging.getLogger("metafleet.server")
+SERVER_OPTIONS = {  # keys: common.config.SERVER_OPTION_KEYS
+   "out-dir": "", "resume": False, "node-wait-seconds": 120.0, "round-timeout": 600.0}
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    summary = run_meta_training(grid, dict(context.run_config))
+    context.state["summary"] = ConfigRecord({"run-dir": summary["run_dir"]})
+
+
+def server_options(run_config: dict[str, Any]) -> dict[str, Any]:
+    return {key: run_config.get(key, default) for key, default in SERVER_OPTIONS.items()}
+
+
+def initial_params(config: RunConfig) -> dict[str, torch.Tensor]:
+    torch.manual_seed(config.seed)
+    return {name: p.detach().clone() for name, p in make_model(config).named_parameters()}
+
+
+def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
+    _ensure_console_logging()
+    options = server_options(run_config)
+    if options["resume"]:
+        run_dir = RunDirectory(Path(options["out-dir"]))
+        config = run_dir.load_config()
+    else:
+        config = RunConfig.from_run_config(run_config)
+        out = options["out-dir"] or f"runs/{config.dataset}-{config.algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = RunDirectory(Path(out))
+        run_dir.create(config)
+
+    strategy = make_strategy(config, initial_params(config))
+    start_round, wall_before = 1, 0.0
+    if options["resume"]:
+        state = run_dir.load_latest_checkpoint()
+        strategy.load_state_dict(state)
+        start_round, wall_before = int(state["round"]) + 1, float(state["wall_seconds"])
+        run_dir.truncate_metrics_after(int(state["round"]))
+        log.info("resuming %s from round %d of %d", run_dir.path, start_round, config.rounds)
+
+    discover_fleet(grid, strategy, expected=config.clients, wait_seconds=float(options["node-wait-seconds"]))
+    started = time.monotonic()
+    round_seconds: list[float] = []
+    for server_round in range(start_round, config.rounds + 1):
+        round_start = time.monotonic()
+        arrays = to_array_record(strategy.params)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=options["round-timeout"]
+        )
+        strategy.aggregate_train(server_round, replies)
+        stats = strategy.last_round
+        train_row = {
+            "round": server_round, "phase": "train", "sampled": stats.sampled, "accepted": stats.accepted,
+            "skipped": stats.skipped, **stats.metrics,
+        }
+        evaluation = None
+        eval_messages = list(strategy.configure_evaluate(server_round, to_array_record(strategy.params), ConfigRecord(), grid))
+        if eval_messages:
+            evaluation = strategy.aggregate_evaluate(
+                server_round, grid.send_and_receive(eval_messages, timeout=options["round-timeout"])
+            )
+        round_seconds.append(time.monotonic() - round_start)
+        train_row["seconds"] = round_seconds[-1]
+        run_dir.append_metrics(train_row)
+        if evaluation is not None:
+            run_dir.append_metrics({"round": server_round, "phase": "evaluate", **dict(evaluation)})
+        wall = wall_before + time.monotonic() - started
+        run_dir.save_checkpoint(server_round, {**strategy.state_dict(), "wall_seconds": wall})
+        _show_progress(config, server_round, train_row, evaluation, round_seconds)
+
+    extra = {
+        "bytes_up": strategy.bytes_up,
+        "bytes_down": strategy.bytes_down,
+        "wall_seconds": wall_before + time.monotonic() - started,
+        "rejected_replies": len(strategy.rejections),
+        "run_dir": str(run_dir.path),
+    }
+    summary = write_report(run_dir, config, extra)
+    log.info("run finished: %s", run_dir.path)
+    return summary
+
+
+def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_seconds: float) -> None:
+    """Ask every node who it is; training and held-out nodes are ordered by client id for reproducibility."""
+    deadline = time.monotonic() + wait_seconds
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        node_ids = list(grid.get_node_ids())
+    if len(node_ids) < expected:
+        log.warning("only %d of %d expected nodes connected within %.0f s; going on", len(node_ids), expected,
+                    wait_seconds)
+    question = RecordDict({"config": ConfigRecord({"question": "who-are-you"})})
+    replies = grid.send_and_receive(
+        [Message(question, node, MessageType.QUERY) for node in node_ids], timeout=max(wait_seconds, 30.0)
+    )
+    training, held_out = [], []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d could not say who it is and takes no part: %s", node, short_reason(reply.error.reason))
+            continue
+        info = reply.content["info"]
+        (held_out if info["role"] == "held-out" else training).append((int(info["client-id"]), node))
+    strategy.training_nodes = [node for _, node in sorted(training)]
+    strategy.held_out_nodes = [node for _, node in sorted(held_out)]
+    if not strategy.training_nodes:
+        raise MetafleetError("no training client answered; nothing to train on")
+    log.info("fleet: %d training nodes, %d held-out nodes", len(training), len(held_out))
+
+
+def _show_progress(
+    config: RunConfig, server_round: int, row: dict[str, Any], evaluation: Any, round_seconds: list[float]
+) -> None:
+    recent = round_seconds[-10:]
+    eta = (config.rounds - server_round) * sum(recent) / len(recent)
+    parts = [f"round {server_round}/{config.rounds}", f"clients {row['accepted']}/{row['sampled']}"]
+    if row["skipped"]:
+        parts.append("SKIPPED")
+    if "loss-after" in row:
+        parts.append(f"loss {row['loss-after']:.4f}")
+    if evaluation is not None:
+        last = config.eval_steps[-1]
+        parts.append(
+            f"{metric_name(config)}@{last} {evaluation[f'mean-step-{last}']:.3f}"
+            f"±{evaluation[f'ci95-step-{last}']:.3f}"
+        )
+    parts.append(f"{recent[-1]:.2f} s/round, {eta:.0f} s left")
+    log.info(" | ".join(parts))
+
+
+def _ensure_console_logging() -> None:
+    logger = logging.getLogger("metafleet")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("metafleet: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -1,0 +1,255 @@
+"""Meta-strategies: Flower strategies that apply an outer optimizer to the fleet's mean pseudo-gradient.
+
+All four algorithms share one server mechanism (FedJAX's FedAvg shape): the weighted mean of the clients'
+pseudo-gradients is stepped by the outer optimizer. The algorithms differ in what a client computes
+(``metafleet.common.meta``), so the subclasses below only name the paper and the defaults.
+
+Every reply is validated at the boundary: an error, a missing or extra key, a wrong shape or dtype, a NaN
+or Inf, an absurd norm or a bad example count drops that reply, logged with the node id and the reason;
+the round goes on with the rest, and is skipped when fewer than ``min_replies`` remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from metafleet.common.config import RunConfig
+from metafleet.common.data import mean_and_ci95
+from metafleet.common.meta import Params, check_update, global_norm
+from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
+from metafleet.common.records import from_array_record, record_nbytes, to_array_record
+from metafleet.common.training import weighted_mean
+
+log = logging.getLogger("metafleet.server")
+
+
+@dataclass
+class Rejection:
+    round: int
+    node_id: int
+    reason: str
+
+
+@dataclass
+class RoundStats:
+    """What the last round did, for the progress display and metrics.jsonl."""
+
+    sampled: int = 0
+    sampled_nodes: list[int] = field(default_factory=list)
+    accepted: int = 0
+    skipped: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def short_reason(reason: str) -> str:
+    """The client's own error message out of Flower's wrapped traceback."""
+    marker = "Message: "
+    if marker in reason:
+        reason = reason[reason.rindex(marker) + len(marker):]
+    return reason.strip().strip("'>").strip()[-300:]
+
+
+class MetaStrategy(FedAvg):
+    """Shared server side of every metafleet algorithm; use one of the subclasses."""
+
+    algorithm = ""
+
+    def __init__(self, config: RunConfig, params: Params, optimizer: OuterOptimizer | None = None):
+        if config.algorithm != self.algorithm:
+            raise ValueError(f"{type(self).__name__} runs '{self.algorithm}', the config asks for '{config.algorithm}'")
+        super().__init__(min_train_nodes=config.min_replies, min_available_nodes=1, min_evaluate_nodes=1)
+        self.config = config
+        self.params = {name: t.detach().clone() for name, t in params.items()}
+        self.reference = {name: t.detach().clone() for name, t in params.items()}
+        self.optimizer = optimizer or make_outer_optimizer(config.outer_optimizer, config.outer_lr)
+        self.sampling_rng = np.random.default_rng([config.seed, 99])
+        self.training_nodes: list[int] = []
+        self.held_out_nodes: list[int] = []
+        self.rejections: list[Rejection] = []
+        self.last_round = RoundStats()
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # -- train -------------------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.training_nodes:
+            raise RuntimeError("no training nodes are known; discover the fleet before training")
+        size = min(self.config.clients_per_round, len(self.training_nodes))
+        # Sample positions, not ids: numpy would turn 64-bit node ids into floats and lose digits.
+        positions = self.sampling_rng.choice(len(self.training_nodes), size=size, replace=False)
+        sampled = [self.training_nodes[int(i)] for i in positions]
+        train_config = ConfigRecord({**dict(config), "server-round": server_round})
+        self.last_round = RoundStats(sampled=size, sampled_nodes=sampled)
+        self.bytes_down += size * record_nbytes(arrays)
+        return [
+            Message(RecordDict({"arrays": arrays, "config": train_config}), node, MessageType.TRAIN)
+            for node in sampled
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates, weights, metrics = [], [], []
+        replies = list(replies)
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node in self.last_round.sampled_nodes:
+            if node not in answered:
+                self._reject(server_round, node, "no reply before the round's timeout")
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if not reply.has_error() and "arrays" in reply.content:
+                self.bytes_up += record_nbytes(reply.content["arrays"])
+            try:
+                update, weight, reply_metrics = self._validated(reply)
+            except ValueError as error:
+                self._reject(server_round, node, str(error))
+                continue
+            updates.append(update)
+            weights.append(weight)
+            metrics.append(reply_metrics)
+        self.last_round.accepted = len(updates)
+        if len(updates) < self.config.min_replies:
+            log.warning(
+                "round %d skipped: %d valid replies of %d sampled, at least %d needed",
+                server_round, len(updates), self.last_round.sampled, self.config.min_replies,
+            )
+            self.last_round.skipped = True
+            return None, None
+        self.apply_aggregate(weighted_mean(updates, weights))
+        keys = set.intersection(*(set(m) for m in metrics))
+        summary = {key: float(np.average([m[key] for m in metrics], weights=weights)) for key in sorted(keys)}
+        self.last_round.metrics = summary
+        return to_array_record(self.params), MetricRecord({"num-examples": int(sum(weights)), **summary})
+
+    def apply_aggregate(self, mean_pseudo_grad: Params) -> None:
+        """The meta-update: the one place θ changes, whichever path (plain or secure) aggregated."""
+        self.params = self.optimizer.step(self.params, mean_pseudo_grad)
+
+    def _validated(self, reply: Message) -> tuple[Params, float, dict[str, float]]:
+        if reply.has_error():
+            raise ValueError(f"the client failed: {short_reason(reply.error.reason)}")
+        content = reply.content
+        if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+            raise ValueError(
+                f"reply must hold one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
+                f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
+            )
+        metrics = dict(content["metrics"])
+        weight = metrics.pop("num-examples", None)
+        if not isinstance(weight, (int, float)) or not (0 < weight < 1e9) or not math.isfinite(weight):
+            raise ValueError(f"'num-examples' must be a positive number, got {weight!r}")
+        update = from_array_record(content["arrays"])
+        check_update(update, self.reference)
+        norm = global_norm(update)
+        if norm > self.config.max_update_norm:
+            raise ValueError(f"update norm {norm:.3g} exceeds max_update_norm {self.config.max_update_norm:.3g}")
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        return update, float(weight), scalars
+
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        log.warning("round %d: dropped the reply of node %d: %s", server_round, node, reason)
+        self.rejections.append(Rejection(server_round, node, reason))
+
+    # -- evaluate (personalization on held-out devices) ------------------------------------------------------
+    def is_evaluation_round(self, server_round: int) -> bool:
+        return server_round % self.config.eval_every == 0 or server_round == self.config.rounds
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.is_evaluation_round(server_round) or not self.held_out_nodes:
+            return []
+        eval_config = ConfigRecord({**dict(config), "server-round": server_round})
+        self.bytes_down += len(self.held_out_nodes) * record_nbytes(arrays)
+        return [
+            Message(RecordDict({"arrays": arrays, "config": eval_config}), node, MessageType.EVALUATE)
+            for node in self.held_out_nodes
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        steps = self.config.eval_steps
+        curves = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self._reject(server_round, node, f"evaluation failed: {short_reason(reply.error.reason)}")
+                continue
+            values = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+            curve = [values.get(f"step-{step}") for step in steps]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in curve):
+                self._reject(server_round, node, f"evaluation reply lacks finite step-N metrics: {sorted(values)}")
+                continue
+            curves.append(curve)
+        if not curves:
+            return None
+        result: dict[str, Any] = {"clients": len(curves)}
+        for index, step in enumerate(steps):
+            mean, half_width = mean_and_ci95([curve[index] for curve in curves])
+            result[f"mean-step-{step}"] = mean
+            result[f"ci95-step-{step}"] = half_width
+        return MetricRecord(result)
+
+    # -- checkpointing -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "optimizer": self.optimizer.state_dict(),
+            "sampling_rng": self.sampling_rng.bit_generator.state,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "rejections": [vars(r) for r in self.rejections],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_update(state["params"], self.reference)
+        self.params = dict(state["params"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampling_rng.bit_generator.state = state["sampling_rng"]
+        self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+        self.rejections = [Rejection(**r) for r in state["rejections"]]
+
+
+class FedAvgStrategy(MetaStrategy):
+    """FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+    AISTATS 2017): clients train on all their data; the server averages (outer SGD, step 1)."""
+
+    algorithm = "fedavg"
+
+
+class ReptileStrategy(MetaStrategy):
+    """Reptile (Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", arXiv:1803.02999):
+    clients adapt on support; the server moves θ toward the mean adapted model."""
+
+    algorithm = "reptile"
+
+
+class FOMAMLStrategy(MetaStrategy):
+    """First-order MAML (Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+    Networks", ICML 2017, sec. 5.2): clients send the query gradient at their adapted parameters."""
+
+    algorithm = "fomaml"
+
+
+class MAMLStrategy(MetaStrategy):
+    """MAML (Finn, Abbeel & Levine, ICML 2017): clients send the exact second-order meta-gradient."""
+
+    algorithm = "maml"
+
+
+STRATEGIES: dict[str, type[MetaStrategy]] = {
+    cls.algorithm: cls for cls in (FedAvgStrategy, ReptileStrategy, FOMAMLStrategy, MAMLStrategy)
+}
+
+
+def make_strategy(config: RunConfig, params: Params) -> MetaStrategy:
+    return STRATEGIES[config.algorithm](config, params)
