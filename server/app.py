@@ -87,7 +87,9 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             "skipped": stats.skipped, **stats.metrics,
         }
         evaluation = None
-        eval_messages = list(strategy.configure_evaluate(server_round, to_array_record(strategy.params), ConfigRecord(), grid))
+        eval_messages = list(
+            strategy.configure_evaluate(server_round, to_array_record(strategy.params), ConfigRecord(), grid)
+        )
         if eval_messages:
             evaluation = strategy.aggregate_evaluate(
                 server_round, grid.send_and_receive(eval_messages, timeout=options["round-timeout"])

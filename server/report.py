@@ -81,7 +81,9 @@ def _plot(run_dir: RunDirectory, config: RunConfig, rows: list[dict[str, Any]], 
     steps, mean, ci = personalization["steps"], personalization["mean"], personalization["ci95"]
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot(steps, mean, marker="o", label=config.algorithm)
-    axis.fill_between(steps, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.25)
+    lower = [m - c for m, c in zip(mean, ci, strict=True)]
+    upper = [m + c for m, c in zip(mean, ci, strict=True)]
+    axis.fill_between(steps, lower, upper, alpha=0.25)
     axis.set(
         xlabel="adaptation steps on the device's support set",
         ylabel=personalization["metric"],

@@ -1,0 +1,75 @@
+"""The ClientApp's handlers, called in-process on real sinusoid data."""
+
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, MessageType, RecordDict
+from metafleet.client import app as client_app
+from metafleet.common.config import RunConfig
+from metafleet.common.fleets import split_clients
+from metafleet.common.records import from_array_record, to_array_record
+from metafleet.server.app import initial_params
+
+from tests.flower_messages import device_context, instruction
+
+CONFIG = RunConfig.resolve(dataset="sinusoid", algorithm="maml", clients=20, rounds=3, inner_steps=2)
+TRAINING, HELD_OUT = split_clients(CONFIG)
+
+
+def _train_message(params) -> object:
+    return instruction(RecordDict({"arrays": to_array_record(params), "config": ConfigRecord({"server-round": 1})}))
+
+
+def test_train_returns_a_finite_pseudo_gradient_in_the_array_record_only():
+    params = initial_params(CONFIG)
+    reply = client_app.train(_train_message(params), device_context(TRAINING[0], CONFIG.to_run_config()))
+    update = from_array_record(reply.content["arrays"])
+    assert set(update) == set(params)
+    assert all(update[k].shape == params[k].shape and torch.isfinite(update[k]).all() for k in params)
+    assert any(update[k].abs().sum() > 0 for k in params)
+    metrics = dict(reply.content["metrics"])
+    assert metrics["num-examples"] == CONFIG.shots + CONFIG.query_shots
+    # Metrics are not masked by secure aggregation: nothing array-valued may travel there.
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+
+
+def test_a_held_out_client_refuses_to_train_and_says_why():
+    with pytest.raises(RuntimeError, match="held out"):
+        client_app.train(_train_message(initial_params(CONFIG)), device_context(HELD_OUT[0], CONFIG.to_run_config()))
+
+
+def test_non_finite_or_misshapen_parameters_are_refused():
+    params = initial_params(CONFIG)
+    poisoned = {**params, "net.0.bias": torch.full_like(params["net.0.bias"], math.nan)}
+    with pytest.raises(ValueError, match="received unusable parameters.*NaN"):
+        client_app.train(_train_message(poisoned), device_context(TRAINING[0], CONFIG.to_run_config()))
+    misshapen = {**params, "net.0.bias": torch.zeros(3)}
+    with pytest.raises(ValueError, match="shape"):
+        client_app.train(_train_message(misshapen), device_context(TRAINING[0], CONFIG.to_run_config()))
+
+
+def test_evaluate_reports_the_personalization_curve():
+    message = instruction(
+        RecordDict({"arrays": to_array_record(initial_params(CONFIG)), "config": ConfigRecord({"server-round": 3})}),
+        MessageType.EVALUATE,
+    )
+    reply = client_app.evaluate(message, device_context(HELD_OUT[0], CONFIG.to_run_config()))
+    metrics = dict(reply.content["metrics"])
+    assert [f"step-{s}" for s in CONFIG.eval_steps] == [k for k in metrics if k.startswith("step-")]
+    curve = [metrics[f"step-{s}"] for s in CONFIG.eval_steps]
+    assert all(math.isfinite(v) and v > 0 for v in curve) and len(set(curve)) == len(curve)
+
+
+def test_query_says_who_the_device_is():
+    context = device_context(HELD_OUT[0], CONFIG.to_run_config())
+    reply = client_app.query(instruction(RecordDict(), MessageType.QUERY), context)
+    info = reply.content["info"]
+    assert (info["client-id"], info["role"]) == (HELD_OUT[0], "held-out")
+
+
+def test_a_node_without_partition_id_gets_a_clear_error():
+    context = device_context(0, CONFIG.to_run_config())
+    context.node_config.clear()
+    with pytest.raises(Exception, match="partition-id"):
+        client_app.query(instruction(RecordDict(), MessageType.QUERY), context)
