@@ -9,7 +9,7 @@ query pool.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,13 +151,6 @@ def held_out_client_ids(num_clients: int, held_out: int, seed: int) -> list[int]
         raise DataError(f"cannot hold out {held_out} of {num_clients} clients")
     permutation = np.random.default_rng([seed, 1234]).permutation(num_clients)
     return sorted(int(i) for i in permutation[:held_out])
-
-
-def as_tensor_batch(x: np.ndarray, y: np.ndarray, target_dtype: torch.dtype) -> Batch:
-    return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=target_dtype)
-
-
-FleetFactory = Callable[..., Fleet]
 
 
 def mean_and_ci95(values: Sequence[float]) -> tuple[float, float]:
