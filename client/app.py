@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
 from metafleet.common.errors import DataError
@@ -38,8 +39,19 @@ def _fleet(config: RunConfig) -> Fleet:
 @lru_cache(maxsize=4)
 def _functional_model(config: RunConfig) -> FunctionalModel:
     fleet = _fleet(config)
-    torch.manual_seed(config.seed)
     return FunctionalModel(fleet.make_model(), fleet.objective)
+
+
+@lru_cache(maxsize=4)
+def _reference_params(config: RunConfig) -> dict[str, torch.Tensor]:
+    # Only names, shapes and dtypes matter: what a received θ is checked against.
+    return _functional_model(config).init_params()
+
+
+@lru_cache(maxsize=4)
+def _client_data(config: RunConfig, client_id: int) -> ClientData:
+    # Built and validated once per process: a device answers many messages of one run.
+    return _fleet(config).client(client_id)
 
 
 class Device:
@@ -57,12 +69,12 @@ class Device:
 
     @property
     def data(self) -> ClientData:
-        return self.fleet.client(self.client_id)
+        return _client_data(self.config, self.client_id)
 
     def received_params(self, msg: Message) -> dict[str, torch.Tensor]:
         params = from_array_record(msg.content["arrays"])
         try:
-            check_update(params, self.fmodel.init_params())
+            check_update(params, _reference_params(self.config))
         except ValueError as error:
             raise ValueError(f"client {self.client_id} received unusable parameters: {error}") from None
         return params

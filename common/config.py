@@ -16,8 +16,9 @@ from metafleet.common.meta import ALGORITHMS
 from metafleet.common.optim import OUTER_OPTIMIZERS
 
 DATASETS = ("sinusoid", "watch", "omniglot", "fashion-mnist", "shakespeare")
-# Run-config keys for the server process only (where to write, whether to resume); devices ignore them.
-SERVER_OPTION_KEYS = ("out-dir", "resume", "node-wait-seconds", "round-timeout")
+# Run-config keys for the server process only (where to write, whether to resume), with their defaults;
+# devices ignore them.
+SERVER_OPTION_DEFAULTS = {"out-dir": "", "resume": False, "node-wait-seconds": 120.0, "round-timeout": 600.0}
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class RunConfig:
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
-        learning = {k: v for k, v in run_config.items() if k not in SERVER_OPTION_KEYS}
+        learning = {k: v for k, v in run_config.items() if k not in SERVER_OPTION_DEFAULTS}
         return cls.resolve(**{key.replace("-", "_"): value for key, value in learning.items()})
 
 

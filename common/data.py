@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+
 from metafleet.common.errors import DataError
 from metafleet.common.meta import Batch, Episode, Objective
-from torch import nn
 
 
 @dataclass(frozen=True)

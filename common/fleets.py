@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from metafleet.common.config import RunConfig
 from metafleet.common.data import Fleet, held_out_client_ids
 from metafleet.common.errors import ConfigError
-from torch import nn
 
 
 def fleet_class(dataset: str) -> type[Fleet]:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from metafleet.common.errors import ConfigError
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value
+
+from metafleet.common.errors import ConfigError
 
 Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+
 from metafleet.common.errors import ConfigError
 from metafleet.common.meta import Params
 

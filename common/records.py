@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from flwr.app import ArrayRecord
+
 from metafleet.common.meta import Params
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from metafleet.common.data import ClientData, Fleet, Split
 from metafleet.common.meta import REGRESSION
 from metafleet.common.models import SinusoidMLP

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
 from metafleet.common.meta import FunctionalModel, LocalUpdate, Params, local_update, personalization_curve

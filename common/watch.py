@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from metafleet.common.data import ClientData, Fleet, Split
 from metafleet.common.errors import DataError
 from metafleet.common.meta import CLASSIFICATION

@@ -4,8 +4,7 @@ The round loop is ours rather than ``Strategy.start`` because a run must checkpo
 resume from the last checkpoint, which ``start`` cannot; the strategy's configure/aggregate methods do the
 per-round work exactly as in Flower's own loop.
 
-Server-only options ride in the run config beside the learning config: ``out-dir``, ``resume``,
-``node-wait-seconds``, ``round-timeout``.
+Server-only options ride in the run config beside the learning config (``SERVER_OPTION_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from metafleet.common.config import RunConfig
+
+from metafleet.common.config import SERVER_OPTION_DEFAULTS, RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.fleets import make_model
 from metafleet.common.records import to_array_record
@@ -29,8 +29,6 @@ from metafleet.server.rundir import RunDirectory
 from metafleet.server.strategy import MetaStrategy, make_strategy, short_reason
 
 log = logging.getLogger("metafleet.server")
-SERVER_OPTIONS = {  # keys: common.config.SERVER_OPTION_KEYS
-   "out-dir": "", "resume": False, "node-wait-seconds": 120.0, "round-timeout": 600.0}
 
 app = ServerApp()
 
@@ -42,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def server_options(run_config: dict[str, Any]) -> dict[str, Any]:
-    return {key: run_config.get(key, default) for key, default in SERVER_OPTIONS.items()}
+    return {key: run_config.get(key, default) for key, default in SERVER_OPTION_DEFAULTS.items()}
 
 
 def initial_params(config: RunConfig) -> dict[str, torch.Tensor]:

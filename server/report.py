@@ -6,13 +6,14 @@ import logging
 from typing import Any
 
 from metafleet.common.config import RunConfig
+from metafleet.common.fleets import fleet_class
 from metafleet.server.rundir import RunDirectory, atomic_write_json
 
 log = logging.getLogger("metafleet.server")
 
 
 def metric_name(config: RunConfig) -> str:
-    return "mse" if config.dataset == "sinusoid" else "accuracy"
+    return fleet_class(config.dataset).objective.metric_name
 
 
 def build_summary(config: RunConfig, rows: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 

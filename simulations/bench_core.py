@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from metafleet.common.config import RunConfig
 from metafleet.common.fleets import make_fleet
 from metafleet.common.meta import FunctionalModel, adapt, local_update

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
@@ -44,11 +45,6 @@ def simulate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LEARNING_FLAGS = ("dataset", "algorithm", "clients", "held_out_clients", "clients_per_round", "rounds",
-                  "inner_steps", "inner_lr", "outer_optimizer", "outer_lr", "shots", "query_shots", "eval_every",
-                  "eval_steps", "secure_aggregation", "seed")
-
-
 def simulate_command(argv: list[str]) -> int:
     args = simulate_parser().parse_args(argv)
     if args.resume:
@@ -58,7 +54,9 @@ def simulate_command(argv: list[str]) -> int:
             raise MetafleetError(f"{args.resume} has no checkpoint yet; start it again without --resume")
         out = args.resume
     else:
-        config = RunConfig.resolve(**{name: getattr(args, name) for name in LEARNING_FLAGS})
+        # Every RunConfig field with a flag of the same name; flags left out fall back to the defaults.
+        given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+        config = RunConfig.resolve(**given)
         out = args.out or Path("runs") / f"{config.dataset}-{config.algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
         if RunDirectory(out).latest_checkpoint() is not None:
             raise MetafleetError(f"{out} already holds a run; resume it with --resume {out} or pick another --out")

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
+
 from metafleet.client import app as client_app
 from metafleet.common.config import RunConfig
 from metafleet.common.fleets import split_clients
 from metafleet.common.records import from_array_record, to_array_record
 from metafleet.server.app import initial_params
-
 from tests.flower_messages import device_context, instruction
 
 CONFIG = RunConfig.resolve(dataset="sinusoid", algorithm="maml", clients=20, rounds=3, inner_steps=2)

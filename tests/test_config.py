@@ -1,4 +1,5 @@
 import pytest
+
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import ConfigError
 

@@ -3,6 +3,7 @@ import re
 import numpy as np
 import pytest
 import torch
+
 from metafleet.common import models
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Split, held_out_client_ids, mean_and_ci95, validate_batch

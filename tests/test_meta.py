@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from metafleet.common.meta import (
     CLASSIFICATION,
     REGRESSION,
@@ -13,7 +15,6 @@ from metafleet.common.meta import (
     local_update,
     personalization_curve,
 )
-from torch import nn
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+
 from metafleet.common.config import RunConfig
 from metafleet.common.fleets import make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel

@@ -1,4 +1,5 @@
 import torch
+
 from metafleet.common.optim import OuterAdam, OuterSGD, make_outer_optimizer
 from metafleet.common.training import weighted_mean
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from flwr.clientapp import ClientApp
+
 from metafleet.client import app as client_module
 from metafleet.common.config import RunConfig
 from metafleet.common.records import from_array_record, to_array_record

@@ -5,11 +5,11 @@ import math
 
 import torch
 from flwr.app import ArrayRecord, Error, MetricRecord, RecordDict
+
 from metafleet.common.config import RunConfig
 from metafleet.common.records import from_array_record, to_array_record
 from metafleet.server.app import initial_params
 from metafleet.server.strategy import ReptileStrategy, make_strategy
-
 from tests.flower_messages import reply_from
 
 CONFIG = RunConfig.resolve(
