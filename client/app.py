@@ -39,7 +39,7 @@ def _fleet(config: RunConfig) -> Fleet:
 @lru_cache(maxsize=4)
 def _functional_model(config: RunConfig) -> FunctionalModel:
     fleet = _fleet(config)
-    return FunctionalModel(fleet.make_model(), fleet.objective)
+    return FunctionalModel(fleet.make_model(config.ways), fleet.objective)
 
 
 @lru_cache(maxsize=4)
@@ -101,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     params = device.received_params(msg)
     server_round = int(msg.content["config"]["server-round"])
     rng = np.random.default_rng([device.config.seed, server_round, device.client_id])
-    update = client_train(device.fmodel, params, device.data, device.config, rng, device.fleet.ways)
+    update = client_train(device.fmodel, params, device.data, device.config, rng)
     # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum.
     check_update(update.pseudo_grad, params)
     metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
@@ -112,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     device = Device(context)
     params = device.received_params(msg)
-    curve = client_personalization(device.fmodel, params, device.data, device.config, device.fleet.ways)
+    curve = client_personalization(device.fmodel, params, device.data, device.config)
     metrics = {"num-examples": 1, "client-id": device.client_id}
     metrics.update({f"step-{step}": value for step, value in zip(device.config.eval_steps, curve, strict=True)})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

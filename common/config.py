@@ -29,6 +29,7 @@ class DatasetDefaults:
     eval_steps: tuple[int, ...]
     clients: int
     held_out_clients: int
+    ways: int = 0
 
 
 # Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
@@ -70,6 +71,11 @@ class RunConfig:
     max_update_norm: float = 1e4
     secure_aggregation: bool = False
     seed: int = 0
+    # Classes per episode; 0 means every class the client has (and regression ignores it).
+    ways: int = 0
+    # Which block of the seeded client permutation is held out: folds 0..clients//held_out_clients-1
+    # together hold out every client once (leave-clients-out cross-validation).
+    fold: int = 0
 
     @classmethod
     def resolve(cls, **values: Any) -> RunConfig:
@@ -91,6 +97,7 @@ class RunConfig:
             "query_shots": defaults.query_shots,
             "inner_lr": defaults.inner_lr,
             "eval_steps": defaults.eval_steps,
+            "ways": defaults.ways,
             "outer_optimizer": ALGORITHM_OUTER_OPTIMIZER[algorithm],
         }
         filled.update(given)
@@ -144,6 +151,13 @@ class RunConfig:
         _require(self, "min_replies", 1 <= self.min_replies <= self.clients_per_round,
                  "must be in [1, clients_per_round]")
         _require(self, "max_update_norm", _finite_positive(self.max_update_norm), "must be a finite number > 0")
+        _require(self, "ways", self.ways == 0 or self.ways >= 2, "must be 0 (all classes) or >= 2")
+        _require(self, "fold", 0 <= self.fold < self.folds,
+                 f"must be in [0, {self.folds}) ({self.clients} clients, {self.held_out_clients} held out per fold)")
+
+    @property
+    def folds(self) -> int:
+        return self.clients // self.held_out_clients if self.held_out_clients else 1
 
     @property
     def training_clients(self) -> int:

@@ -2,8 +2,9 @@
 
 A client owns one or more *splits*, each a (support pool, query pool) pair that share no recording, so
 that overlapping sensor windows never leak from support into query. An episode draws K examples per class
-(or K points, for regression) from the support pool of one split and its query set from the same split's
-query pool.
+(``per-class`` sampling, the few-shot protocol) or K examples in all (``uniform`` sampling: regression, and
+classification where a client's own label distribution is what personalization must learn) from the
+support pool of one split and its query set from the same split's query pool.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from metafleet.common.config import RunConfig
 from metafleet.common.errors import DataError
 from metafleet.common.meta import Batch, Episode, Objective
+
+SAMPLINGS = ("per-class", "uniform")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,15 @@ class ClientData:
     client_id: int
     splits: tuple[Split, ...]
     num_classes: int | None
+    sampling: str = "per-class"
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, not {self.sampling!r}")
+
+    @property
+    def _uniform(self) -> bool:
+        return self.num_classes is None or self.sampling == "uniform"
 
     def validate(self, input_shape: tuple[int, ...]) -> None:
         """Raise ``DataError`` naming the client and the problem if any pool is unusable."""
@@ -47,12 +60,12 @@ class ClientData:
     def sample_episode(
         self, rng: np.random.Generator, shots: int, query_shots: int, ways: int | None = None
     ) -> Episode:
-        """A random episode: ``shots`` support and ``query_shots`` query examples per class (or points).
+        """A random episode: ``shots`` support and ``query_shots`` query examples per class (or in all).
 
         With ``ways`` set, the episode uses that many of the client's classes, relabelled 0..ways-1.
         """
         split = self.splits[rng.integers(len(self.splits))]
-        if self.num_classes is None:
+        if self._uniform:
             return Episode(_take(split.support, rng, shots), _take(split.query, rng, query_shots))
         classes = np.arange(self.num_classes) if ways is None else rng.choice(self.num_classes, ways, replace=False)
         return Episode(
@@ -65,7 +78,7 @@ class ClientData:
         rng = np.random.default_rng([seed, self.client_id, 7])
         episodes = []
         for split in self.splits:
-            if self.num_classes is None:
+            if self._uniform:
                 episodes.append(Episode(_take(split.support, rng, shots), split.query))
                 continue
             classes = np.arange(self.num_classes) if ways is None else rng.choice(self.num_classes, ways, replace=False)
@@ -126,7 +139,11 @@ class Fleet(ABC):
     objective: Objective
     input_shape: tuple[int, ...]
     num_classes: int | None
-    ways: int | None = None
+
+    @classmethod
+    @abstractmethod
+    def build(cls, config: RunConfig, held_out: Sequence[int]) -> Fleet:
+        """The fleet a run configuration names; ``held_out`` lists the clients never trained on."""
 
     @property
     @abstractmethod
@@ -138,20 +155,27 @@ class Fleet(ABC):
 
     @classmethod
     @abstractmethod
-    def make_model(cls) -> nn.Module:
-        """A fresh model for this data set; needs no data, so the server can build it too."""
+    def make_model(cls, ways: int = 0) -> nn.Module:
+        """A fresh model (``ways`` outputs where episodes use that many classes); needs no data, so the
+        server can build it too."""
 
     def check_client_id(self, client_id: int) -> None:
         if not 0 <= client_id < self.num_clients:
             raise DataError(f"{self.name} has clients 0..{self.num_clients - 1}, not {client_id}")
 
 
-def held_out_client_ids(num_clients: int, held_out: int, seed: int) -> list[int]:
-    """The clients never trained on: a seeded choice, the same on the server and on every device."""
+def held_out_client_ids(num_clients: int, held_out: int, seed: int, fold: int = 0) -> list[int]:
+    """The clients never trained on: a seeded choice, the same on the server and on every device.
+
+    Fold ``f`` holds out block ``f`` of one seeded permutation, so folds 0..num_clients//held_out-1 hold
+    out disjoint sets and, when ``held_out`` divides ``num_clients``, every client exactly once.
+    """
     if not 1 <= held_out < num_clients:
         raise DataError(f"cannot hold out {held_out} of {num_clients} clients")
+    if not 0 <= fold < num_clients // held_out:
+        raise DataError(f"fold {fold} does not exist: {num_clients} clients give {num_clients // held_out} folds")
     permutation = np.random.default_rng([seed, 1234]).permutation(num_clients)
-    return sorted(int(i) for i in permutation[:held_out])
+    return sorted(int(i) for i in permutation[fold * held_out : (fold + 1) * held_out])
 
 
 def mean_and_ci95(values: Sequence[float]) -> tuple[float, float]:

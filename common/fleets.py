@@ -22,22 +22,15 @@ def fleet_class(dataset: str) -> type[Fleet]:
 
 
 def make_fleet(config: RunConfig) -> Fleet:
-    cls = fleet_class(config.dataset)
-    if config.dataset == "watch":
-        from metafleet.common.watch import NUM_SUBJECTS
-
-        if config.clients != NUM_SUBJECTS:
-            raise ConfigError("clients", config.clients, f"must be {NUM_SUBJECTS} for watch (one per subject)")
-        return cls(held_out_client_ids(config.clients, config.held_out_clients, config.seed))
-    return cls(config.clients, seed=config.seed)
+    return fleet_class(config.dataset).build(config, split_clients(config)[1])
 
 
 def make_model(config: RunConfig) -> nn.Module:
     """The run's model, built without reading any data (the server has none)."""
-    return fleet_class(config.dataset).make_model()
+    return fleet_class(config.dataset).make_model(config.ways)
 
 
 def split_clients(config: RunConfig) -> tuple[list[int], list[int]]:
     """(training client ids, held-out client ids), identical on the server and on every device."""
-    held_out = held_out_client_ids(config.clients, config.held_out_clients, config.seed)
+    held_out = held_out_client_ids(config.clients, config.held_out_clients, config.seed, config.fold)
     return [i for i in range(config.clients) if i not in set(held_out)], held_out

@@ -7,9 +7,12 @@ costs nothing until a client is asked for.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
+from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet, Split
 from metafleet.common.meta import REGRESSION
 from metafleet.common.models import SinusoidMLP
@@ -27,6 +30,10 @@ class SinusoidFleet(Fleet):
         self._num_clients = num_clients
         self.seed = seed
         self.points_per_pool = points_per_pool
+
+    @classmethod
+    def build(cls, config: RunConfig, held_out: Sequence[int]) -> SinusoidFleet:
+        return cls(config.clients, seed=config.seed)
 
     @property
     def num_clients(self) -> int:
@@ -51,5 +58,5 @@ class SinusoidFleet(Fleet):
         return data
 
     @classmethod
-    def make_model(cls) -> SinusoidMLP:
+    def make_model(cls, ways: int = 0) -> SinusoidMLP:
         return SinusoidMLP()

@@ -32,21 +32,20 @@ def weighted_mean(updates: Sequence[Params], weights: Sequence[float]) -> Params
 
 
 def client_train(
-    fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig, rng: np.random.Generator,
-    ways: int | None = None,
+    fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig, rng: np.random.Generator
 ) -> LocalUpdate:
     """One client's work in one round: sample an episode from its data, run the algorithm's local update."""
-    episode = client.sample_episode(rng, config.shots, config.query_shots, ways)
+    episode = client.sample_episode(rng, config.shots, config.query_shots, config.ways or None)
     return local_update(config.algorithm, fmodel, params, episode, config.inner_steps, config.inner_lr)
 
 
 def client_personalization(
-    fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig, ways: int | None = None
+    fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig
 ) -> list[float]:
     """The client's query metric after each of ``config.eval_steps`` adaptation steps, mean over its episodes."""
     curves = [
         personalization_curve(fmodel, params, episode.support, episode.query, config.eval_steps, config.inner_lr)
-        for episode in client.evaluation_episodes(config.shots, config.seed, ways)
+        for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None)
     ]
     return [float(v) for v in np.mean(curves, axis=0)]
 
@@ -68,7 +67,7 @@ def meta_train_centralized(
     A reference for tests and for checking that the federated path changes nothing.
     """
     torch.manual_seed(config.seed)
-    fmodel = FunctionalModel(fleet.make_model(), fleet.objective)
+    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective)
     params = fmodel.init_params()
     optimizer: OuterOptimizer = make_outer_optimizer(config.outer_optimizer, config.outer_lr)
     rng = np.random.default_rng(config.seed)
@@ -76,7 +75,7 @@ def meta_train_centralized(
     losses = []
     for round_number in range(1, config.rounds + 1):
         sampled = rng.choice(list(client_ids), size=config.clients_per_round, replace=False)
-        updates = [client_train(fmodel, params, clients[int(i)], config, rng, fleet.ways) for i in sampled]
+        updates = [client_train(fmodel, params, clients[int(i)], config, rng) for i in sampled]
         mean = weighted_mean([u.pseudo_grad for u in updates], [u.num_examples for u in updates])
         params = optimizer.step(params, mean)
         losses.append(float(np.mean([u.metrics["loss-after"] for u in updates])))

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet, Split
-from metafleet.common.errors import DataError
+from metafleet.common.errors import ConfigError, DataError
 from metafleet.common.meta import CLASSIFICATION
 from metafleet.common.models import SensorCNN
 
@@ -101,6 +102,12 @@ class WatchFleet(Fleet):
         self.mean = stacked.mean(axis=(0, 2), keepdims=True)[0]
         self.std = stacked.std(axis=(0, 2), keepdims=True)[0] + 1e-6
 
+    @classmethod
+    def build(cls, config: RunConfig, held_out: Sequence[int]) -> WatchFleet:
+        if config.clients != NUM_SUBJECTS:
+            raise ConfigError("clients", config.clients, f"must be {NUM_SUBJECTS} for watch (one per subject)")
+        return cls(held_out)
+
     @property
     def num_clients(self) -> int:
         return NUM_SUBJECTS
@@ -118,5 +125,5 @@ class WatchFleet(Fleet):
         return data
 
     @classmethod
-    def make_model(cls) -> SensorCNN:
-        return SensorCNN(NUM_CLASSES, CHANNELS)
+    def make_model(cls, ways: int = 0) -> SensorCNN:
+        return SensorCNN(ways or NUM_CLASSES, CHANNELS)

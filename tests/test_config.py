@@ -36,6 +36,8 @@ def test_round_trips_through_json_dict_and_flower_run_config():
         ("eval_steps", "1,5", "starting at 0"),
         ("eval_steps", "0,x", "comma-separated integers"),
         ("frobnicate", 1, "is not a known config field"),
+        ("ways", 1, "0 \\(all classes\\) or >= 2"),
+        ("fold", 10, "must be in \\[0, 10\\)"),
     ],
 )
 def test_bad_value_names_field_and_value(field, value, message):

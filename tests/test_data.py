@@ -49,6 +49,14 @@ def test_held_out_clients_are_disjoint_from_training_and_seeded():
     assert held_out_client_ids(200, 20, 1) != held_out
 
 
+def test_folds_hold_out_every_client_exactly_once():
+    folds = [split_clients(RunConfig.resolve(dataset="watch", fold=f))[1] for f in range(5)]
+    assert sorted(c for held_out in folds for c in held_out) == list(range(10))
+    assert folds[0] == split_clients(RunConfig.resolve(dataset="watch"))[1]
+    with pytest.raises(DataError, match="fold 5"):
+        held_out_client_ids(10, 2, 0, fold=5)
+
+
 def _client(x_support, y_support, num_classes=3):
     query = (torch.zeros(4, 2), torch.tensor([0, 1, 2, 0]))
     return ClientData(0, (Split((x_support, y_support), query),), num_classes)
@@ -83,6 +91,19 @@ def test_episodes_have_k_shots_per_class_and_n_ways_relabelled():
     episode = client.sample_episode(np.random.default_rng(0), shots=2, query_shots=1, ways=3)
     assert sorted(episode.support[1].tolist()) == [0, 0, 1, 1, 2, 2]
     assert sorted(episode.query[1].tolist()) == [0, 1, 2]
+
+
+def test_uniform_sampling_draws_k_examples_in_all_and_keeps_labels():
+    x = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    y = torch.tensor([0] * 18 + [3] * 2)  # a skewed client: most examples of one class, some classes absent
+    client = ClientData(0, (Split((x, y), (x, y)),), 5, sampling="uniform")
+    episode = client.sample_episode(np.random.default_rng(0), shots=6, query_shots=4)
+    assert len(episode.support[1]) == 6 and len(episode.query[1]) == 4
+    assert set(episode.support[1].tolist()) <= {0, 3}
+    (evaluation,) = client.evaluation_episodes(shots=6, seed=0)
+    assert len(evaluation.support[1]) == 6 and len(evaluation.query[1]) == 20
+    with pytest.raises(ValueError, match="sampling"):
+        ClientData(0, (Split((x, y), (x, y)),), 5, sampling="balanced")
 
 
 def test_watch_fleet_support_and_query_never_share_a_recording():
