@@ -112,7 +112,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     device = Device(context)
     params = device.received_params(msg)
-    curve = client_personalization(device.fmodel, params, device.data, device.config)
+    curve, guarded = client_personalization(device.fmodel, params, device.data, device.config)
     metrics = {"num-examples": 1, "client-id": device.client_id}
-    metrics.update({f"step-{step}": value for step, value in zip(device.config.eval_steps, curve, strict=True)})
+    for step, plain_value, guarded_value in zip(device.config.eval_steps, curve, guarded, strict=True):
+        metrics[f"step-{step}"] = plain_value
+        metrics[f"guarded-step-{step}"] = guarded_value
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -232,6 +232,71 @@ def personalization_curve(
     return curve
 
 
+def cross_validation_folds(support: Batch, objective: Objective, max_folds: int = 5) -> list[Tensor]:
+    """Index sets that split a support set for cross-validation; empty when it cannot be split usefully.
+
+    Classification folds are stratified (each example's rank within its class, modulo the fold count), so
+    every class with two or more examples stays in every training part. A support set where every class has
+    a single example (1-shot) cannot be split without removing a class from training: no folds.
+    """
+    _, y = support
+    count = len(y)
+    folds = min(max_folds, count)
+    if folds < 2:
+        return []
+    if objective.higher_is_better:  # classification: stratify by label
+        _, inverse, per_class = torch.unique(y, return_inverse=True, return_counts=True)
+        if int(per_class.max()) < 2:
+            return []
+        rank = torch.zeros(count, dtype=torch.long)
+        seen: dict[int, int] = {}
+        for index, label in enumerate(inverse.tolist()):
+            rank[index] = seen.get(label, 0)
+            seen[label] = rank[index].item() + 1
+        assignment = rank % folds
+    else:
+        assignment = torch.arange(count) % folds
+    return [torch.nonzero(assignment == f).flatten() for f in range(folds) if bool((assignment == f).any())]
+
+
+def keeps_adaptation(
+    fmodel: FunctionalModel, params: Params, support: Batch, steps: int, inner_lr: float, max_folds: int = 5
+) -> bool:
+    """The personalization guard: does adapting for ``steps`` help, judged on the support set alone?
+
+    Cross-validation on the support set: for each fold, adapt on the rest and compare the fold's loss
+    with and without adaptation. The device keeps the adapted model only if adaptation lowers the
+    summed held-out loss, so personalization cannot make a device worse on average through overfitting
+    or a badly chosen step size. It needs no query data, so a real device can run it. Where the support
+    set cannot be split (1-shot), adaptation is kept: that is what few-shot models are trained for.
+    """
+    folds = cross_validation_folds(support, fmodel.objective, max_folds)
+    if steps == 0 or not folds:
+        return True
+    x, y = support
+    adapted_loss = base_loss = 0.0
+    for held in folds:
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[held] = False
+        adapted = adapt(fmodel, params, (x[keep], y[keep]), steps, inner_lr)
+        held_batch = (x[held], y[held])
+        adapted_loss += float(fmodel.loss(adapted, held_batch)) * len(held)
+        base_loss += float(fmodel.loss(params, held_batch)) * len(held)
+    return adapted_loss < base_loss
+
+
+def guarded_curve(
+    fmodel: FunctionalModel, params: Params, support: Batch, curve: Sequence[float], steps: Sequence[int],
+    inner_lr: float,
+) -> list[float]:
+    """``curve`` as the guard would deliver it: at each step count, the adapted metric if the guard keeps
+    adaptation, else the unadapted one (``curve[0]``)."""
+    return [
+        value if keeps_adaptation(fmodel, params, support, step, inner_lr) else curve[0]
+        for value, step in zip(curve, steps, strict=True)
+    ]
+
+
 def check_update(update: Params, reference: Params) -> None:
     """Raise ``ValueError`` naming the problem if ``update`` does not fit ``reference`` or is not finite.
 

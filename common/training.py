@@ -14,7 +14,14 @@ import torch
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
-from metafleet.common.meta import FunctionalModel, LocalUpdate, Params, local_update, personalization_curve
+from metafleet.common.meta import (
+    FunctionalModel,
+    LocalUpdate,
+    Params,
+    guarded_curve,
+    local_update,
+    personalization_curve,
+)
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
 
 
@@ -41,13 +48,17 @@ def client_train(
 
 def client_personalization(
     fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig
-) -> list[float]:
-    """The client's query metric after each of ``config.eval_steps`` adaptation steps, mean over its episodes."""
-    curves = [
-        personalization_curve(fmodel, params, episode.support, episode.query, config.eval_steps, config.inner_lr)
-        for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None)
-    ]
-    return [float(v) for v in np.mean(curves, axis=0)]
+) -> tuple[list[float], list[float]]:
+    """The client's query metric after each of ``config.eval_steps`` adaptation steps, mean over its episodes:
+    (plain curve, the curve with the personalization guard deciding on the device whether to adapt)."""
+    plain, guarded = [], []
+    for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None):
+        curve = personalization_curve(
+            fmodel, params, episode.support, episode.query, config.eval_steps, config.inner_lr
+        )
+        plain.append(curve)
+        guarded.append(guarded_curve(fmodel, params, episode.support, curve, config.eval_steps, config.inner_lr))
+    return [float(v) for v in np.mean(plain, axis=0)], [float(v) for v in np.mean(guarded, axis=0)]
 
 
 @dataclass

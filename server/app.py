@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from metafleet.common.config import SERVER_OPTION_DEFAULTS, RunConfig
@@ -41,6 +41,18 @@ def main(grid: Grid, context: Context) -> None:
 
 def server_options(run_config: dict[str, Any]) -> dict[str, Any]:
     return {key: run_config.get(key, default) for key, default in SERVER_OPTION_DEFAULTS.items()}
+
+
+def evaluate_round(
+    grid: Grid, strategy: MetaStrategy, server_round: int, timeout: float, force: bool = False
+) -> MetricRecord | None:
+    """Personalization on the held-out devices, when the schedule (or ``force``) asks for it."""
+    messages = list(
+        strategy.configure_evaluate(server_round, to_array_record(strategy.params), ConfigRecord(), grid, force=force)
+    )
+    if not messages:
+        return None
+    return strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
 
 
 def initial_params(config: RunConfig) -> dict[str, torch.Tensor]:
@@ -71,6 +83,12 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
 
     discover_fleet(grid, strategy, expected=config.clients, wait_seconds=float(options["node-wait-seconds"]))
     started = time.monotonic()
+    if start_round == 1:
+        # Round 0 personalizes the untrained initialization: the local-only baseline (training on the
+        # device's support set from scratch), and the starting point of every learning curve.
+        initial = evaluate_round(grid, strategy, 0, options["round-timeout"], force=True)
+        if initial is not None:
+            run_dir.append_metrics({"round": 0, "phase": "evaluate", **dict(initial)})
     round_seconds: list[float] = []
     for server_round in range(start_round, config.rounds + 1):
         round_start = time.monotonic()
@@ -84,14 +102,7 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             "round": server_round, "phase": "train", "sampled": stats.sampled, "accepted": stats.accepted,
             "skipped": stats.skipped, **stats.metrics,
         }
-        evaluation = None
-        eval_messages = list(
-            strategy.configure_evaluate(server_round, to_array_record(strategy.params), ConfigRecord(), grid)
-        )
-        if eval_messages:
-            evaluation = strategy.aggregate_evaluate(
-                server_round, grid.send_and_receive(eval_messages, timeout=options["round-timeout"])
-            )
+        evaluation = evaluate_round(grid, strategy, server_round, options["round-timeout"])
         round_seconds.append(time.monotonic() - round_start)
         train_row["seconds"] = round_seconds[-1]
         run_dir.append_metrics(train_row)

@@ -33,6 +33,9 @@ def build_summary(config: RunConfig, rows: list[dict[str, Any]], extra: dict[str
             clients_reporting=last["clients"],
             mean=[last[f"mean-step-{s}"] for s in config.eval_steps],
             ci95=[last[f"ci95-step-{s}"] for s in config.eval_steps],
+            # The same devices when each keeps the adapted model only if its support set says it helps.
+            guarded_mean=[last[f"mean-guarded-step-{s}"] for s in config.eval_steps],
+            guarded_ci95=[last[f"ci95-guarded-step-{s}"] for s in config.eval_steps],
         )
     return {
         "dataset": config.dataset,

@@ -50,6 +50,10 @@ class RoundStats:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def short_reason(reason: str) -> str:
     """The client's own error message out of Flower's wrapped traceback."""
     marker = "Message: "
@@ -166,9 +170,9 @@ class MetaStrategy(FedAvg):
         return server_round % self.config.eval_every == 0 or server_round == self.config.rounds
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, force: bool = False
     ) -> Iterable[Message]:
-        if not self.is_evaluation_round(server_round) or not self.held_out_nodes:
+        if not (force or self.is_evaluation_round(server_round)) or not self.held_out_nodes:
             return []
         eval_config = ConfigRecord({**dict(config), "server-round": server_round})
         self.bytes_down += len(self.held_out_nodes) * record_nbytes(arrays)
@@ -178,8 +182,10 @@ class MetaStrategy(FedAvg):
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Mean and 95% CI over held-out clients at each step count, with and without the device's guard,
+        plus every client's own values (``client-ids``, ``clients-step-N``) for pooling across folds."""
         steps = self.config.eval_steps
-        curves = []
+        client_ids, curves, guarded_curves = [], [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -187,17 +193,24 @@ class MetaStrategy(FedAvg):
                 continue
             values = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
             curve = [values.get(f"step-{step}") for step in steps]
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in curve):
-                self._reject(server_round, node, f"evaluation reply lacks finite step-N metrics: {sorted(values)}")
+            guarded = [values.get(f"guarded-step-{step}") for step in steps]
+            if not all(_finite_number(v) for v in curve + guarded) or not _finite_number(values.get("client-id")):
+                problem = f"evaluation reply lacks client-id or finite step-N, guarded-step-N: {sorted(values)}"
+                self._reject(server_round, node, problem)
                 continue
+            client_ids.append(int(values["client-id"]))
             curves.append(curve)
+            guarded_curves.append(guarded)
         if not curves:
             return None
-        result: dict[str, Any] = {"clients": len(curves)}
-        for index, step in enumerate(steps):
-            mean, half_width = mean_and_ci95([curve[index] for curve in curves])
-            result[f"mean-step-{step}"] = mean
-            result[f"ci95-step-{step}"] = half_width
+        result: dict[str, Any] = {"clients": len(curves), "client-ids": client_ids}
+        for prefix, rows in (("", curves), ("guarded-", guarded_curves)):
+            for index, step in enumerate(steps):
+                values = [float(row[index]) for row in rows]
+                mean, half_width = mean_and_ci95(values)
+                result[f"mean-{prefix}step-{step}"] = mean
+                result[f"ci95-{prefix}step-{step}"] = half_width
+                result[f"clients-{prefix}step-{step}"] = values
         return MetricRecord(result)
 
     # -- checkpointing -------------------------------------------------------------------------------------

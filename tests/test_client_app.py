@@ -59,6 +59,10 @@ def test_evaluate_reports_the_personalization_curve():
     assert [f"step-{s}" for s in CONFIG.eval_steps] == [k for k in metrics if k.startswith("step-")]
     curve = [metrics[f"step-{s}"] for s in CONFIG.eval_steps]
     assert all(math.isfinite(v) and v > 0 for v in curve) and len(set(curve)) == len(curve)
+    guarded = [metrics[f"guarded-step-{s}"] for s in CONFIG.eval_steps]
+    # The guard either keeps a step count's adapted value or falls back to the unadapted one.
+    assert guarded[0] == curve[0] and all(g in (c, curve[0]) for g, c in zip(guarded, curve, strict=True))
+    assert metrics["client-id"] == HELD_OUT[0]
 
 
 def test_query_says_who_the_device_is():

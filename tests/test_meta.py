@@ -12,6 +12,9 @@ from metafleet.common.meta import (
     FunctionalModel,
     adapt,
     check_update,
+    cross_validation_folds,
+    guarded_curve,
+    keeps_adaptation,
     local_update,
     personalization_curve,
 )
@@ -171,3 +174,28 @@ def test_check_update_names_each_problem():
     for update, message in cases:
         with pytest.raises(ValueError, match=message):
             check_update(update, reference)
+
+
+def test_cross_validation_folds_keep_every_class_in_training_and_refuse_one_shot():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    folds = cross_validation_folds((torch.zeros(10, 2), labels), CLASSIFICATION, max_folds=5)
+    assert sorted(torch.cat(folds).tolist()) == list(range(10))
+    for held in folds:
+        rest = set(range(10)) - set(held.tolist())
+        assert {int(labels[i]) for i in rest} == {0, 1, 2}
+    assert cross_validation_folds((torch.zeros(3, 2), torch.tensor([0, 1, 2])), CLASSIFICATION) == []
+    regression = cross_validation_folds((torch.zeros(7, 1), torch.zeros(7, 1)), REGRESSION, max_folds=3)
+    assert [len(f) for f in regression] == [3, 2, 2]
+
+
+def test_guard_keeps_helpful_adaptation_and_refuses_a_diverging_one():
+    torch.manual_seed(0)
+    fmodel = FunctionalModel(nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1)), REGRESSION)
+    params = fmodel.init_params()
+    x = torch.linspace(-5, 5, 20).unsqueeze(1)
+    support = (x, 3.0 * torch.sin(x) + 2.0)  # far from the initialization: a few steps help a lot
+    assert keeps_adaptation(fmodel, params, support, steps=5, inner_lr=0.01)
+    assert not keeps_adaptation(fmodel, params, support, steps=5, inner_lr=50.0)
+    assert keeps_adaptation(fmodel, params, support, steps=0, inner_lr=50.0)
+    curve = [9.0, 1.0, 0.5]
+    assert guarded_curve(fmodel, params, support, curve, [0, 1, 5], inner_lr=50.0) == [9.0, 9.0, 9.0]

@@ -18,7 +18,7 @@ def _post_adaptation_mse(algorithm: str, **overrides) -> np.ndarray:
     training, held_out = split_clients(config)
     result = meta_train_centralized(fleet, config, training)
     fmodel = FunctionalModel(fleet.make_model(), fleet.objective)
-    return np.array([client_personalization(fmodel, result.params, fleet.client(i), config)[-1] for i in held_out])
+    return np.array([client_personalization(fmodel, result.params, fleet.client(i), config)[0][-1] for i in held_out])
 
 
 def test_maml_adapts_to_unseen_sinusoids_better_than_joint_training():

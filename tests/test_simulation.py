@@ -62,6 +62,8 @@ def test_simulated_fleet_completes_with_bad_replies_logged_and_excluded(tmp_path
     assert sum("NaN" in r for r in reasons) == 3 and sum("shape" in r for r in reasons) == 3
     assert all(math.isfinite(v) for v in summary["personalization"]["mean"])
     assert summary["personalization"]["clients_reporting"] == 2
+    assert [row["round"] for row in rows if row["phase"] == "evaluate"] == [0, 3]  # 0: the untrained model
+    assert all(math.isfinite(v) for v in summary["personalization"]["guarded_mean"])
     assert (run / "training.png").stat().st_size > 0 and (run / "personalization.png").stat().st_size > 0
 
 

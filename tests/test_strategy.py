@@ -81,11 +81,20 @@ def test_a_reply_with_an_extra_record_is_dropped():
 
 def test_evaluation_aggregates_curves_with_confidence_intervals():
     strategy = make_strategy(RunConfig.resolve(dataset="sinusoid", eval_steps="0,5"), initial_params(CONFIG))
-    replies = [reply_from(n, RecordDict({"metrics": MetricRecord({"num-examples": 1, "step-0": a, "step-5": b})}))
-               for n, (a, b) in enumerate([(2.0, 1.0), (4.0, 1.0), (3.0, 1.0)], start=1)]
-    result = strategy.aggregate_evaluate(10, replies)
+
+    def metrics(client_id, before, after, guarded_after):
+        return MetricRecord({"num-examples": 1, "client-id": client_id, "step-0": before, "step-5": after,
+                             "guarded-step-0": before, "guarded-step-5": guarded_after})
+
+    curves = [(7, 2.0, 1.0, 1.0), (3, 4.0, 1.0, 4.0), (5, 3.0, 1.0, 1.0)]
+    replies = [reply_from(n, RecordDict({"metrics": metrics(*curve)})) for n, curve in enumerate(curves, start=1)]
+    incomplete = reply_from(9, RecordDict({"metrics": MetricRecord({"num-examples": 1, "step-0": 1.0, "step-5": 1.0})}))
+    result = strategy.aggregate_evaluate(10, [*replies, incomplete])
     assert result["clients"] == 3 and result["mean-step-0"] == 3.0 and result["ci95-step-5"] == 0.0
     assert result["ci95-step-0"] > 0
+    assert result["mean-guarded-step-5"] == 2.0
+    assert list(result["client-ids"]) == [7, 3, 5] and list(result["clients-guarded-step-5"]) == [1.0, 4.0, 1.0]
+    assert strategy.rejections[-1].node_id == 9
 
 
 def test_state_round_trip_restores_parameters_optimizer_and_sampling():
