@@ -74,7 +74,8 @@ def test_flwr_run_trains_and_writes_the_run_directory(tmp_path):
         _stop_process_groups(_processes_with_argument(control_address))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert (run_dir / "summary.json").is_file(), f"no summary.json after {time.monotonic() - started:.0f} s:\n{output[-3000:]}"
+    elapsed = time.monotonic() - started
+    assert (run_dir / "summary.json").is_file(), f"no summary.json after {elapsed:.0f} s:\n{output[-3000:]}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["clients"] == 6
     train_rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
