@@ -34,6 +34,8 @@ def simulate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--outer-lr", type=float, help="meta learning rate")
     parser.add_argument("--shots", type=int, help="support examples per class (points, for regression)")
     parser.add_argument("--query-shots", type=int)
+    parser.add_argument("--ways", type=int, help="classes per episode (0: all of the client's classes)")
+    parser.add_argument("--fold", type=int, help="which block of clients is held out (folds cover every client)")
     parser.add_argument("--eval-every", type=int, help="personalization evaluation every E rounds")
     parser.add_argument("--eval-steps", help="comma-separated adaptation steps to report, from 0")
     parser.add_argument("--secure-aggregation", action="store_true", default=None)

@@ -1,0 +1,269 @@
+"""``metafleet bench personalization``: meta-learning against FedAvg, fine-tuning and local training.
+
+Every number comes from real federated runs on Flower's Simulation Engine, through ``simulate`` exactly as
+``metafleet simulate`` runs them: one run per (setting, algorithm, fold, seed), in ``DIR/runs/``. The
+methods compared, all with the same client compute (``inner_steps`` local steps on ``shots`` examples):
+
+- ``fedavg``: the FedAvg model, used as it is (0 adaptation steps);
+- ``fedavg+ft``: the FedAvg model fine-tuned on the device's support set (same steps and inner lr as the
+  meta methods use for adaptation);
+- ``local-only``: the untrained initialization trained on the support set alone (round 0 of the runs);
+- ``reptile``, ``fomaml``, ``maml``: the meta-learned initialization, adapted;
+- ``+guard`` rows: the same devices, each keeping its adapted model only when cross-validation on its own
+  support set says adaptation helps (``metafleet.common.meta.keeps_adaptation``).
+
+Folds hold out disjoint client sets, so every client is evaluated once per seed; each client's value is
+averaged over seeds and the 95% CI is over clients (not over episodes of one client). A finished run is
+never redone: rerunning the command after a crash continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metafleet.common.config import DATASETS, RunConfig
+from metafleet.common.data import mean_and_ci95
+from metafleet.common.errors import MetafleetError
+
+ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One table of the benchmark: a dataset with fixed shots (and ways) and its run lengths."""
+
+    label: str
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    dataset: str
+    settings: tuple[Setting, ...]
+    rounds: int
+    folds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    common: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_for(dataset: str, quick: bool) -> Plan:
+    """The runs behind a dataset's table. ``--quick`` keeps one setting, one fold and one seed, few rounds."""
+    if dataset == "watch":
+        settings = (Setting("7-way 1-shot", {"shots": 1}), Setting("7-way 5-shot", {"shots": 5}))
+        full = Plan(dataset, settings, rounds=100, folds=tuple(range(5)), seeds=(0, 1),
+                    common={"eval_every": 25, "clients_per_round": 8})
+    elif dataset == "omniglot":
+        settings = (Setting("5-way 1-shot", {"ways": 5, "shots": 1}),
+                    Setting("20-way 1-shot", {"ways": 20, "shots": 1}))
+        full = Plan(dataset, settings, rounds=300, folds=tuple(range(4)), seeds=(0,), common={"eval_every": 100})
+    elif dataset == "fashion-mnist":
+        full = Plan(dataset, (Setting("5-shot (label skew)", {}),), rounds=100, folds=(0, 1), seeds=(0,),
+                    common={"eval_every": 25})
+    elif dataset == "shakespeare":
+        full = Plan(dataset, (Setting("next character", {}),), rounds=100, folds=(0,), seeds=(0,),
+                    common={"eval_every": 25})
+    elif dataset == "sinusoid":
+        full = Plan(dataset, (Setting("10-shot", {}),), rounds=100, folds=(0,), seeds=(0, 1),
+                    common={"clients": 200, "clients_per_round": 25, "inner_steps": 3, "eval_every": 50})
+    else:
+        raise MetafleetError(f"no benchmark plan for dataset {dataset!r}")
+    if not quick:
+        return full
+    return Plan(dataset, full.settings[:1], rounds=max(5, full.rounds // 10), folds=full.folds[:1],
+                seeds=full.seeds[:1], common={**full.common, "eval_every": max(5, full.rounds // 10)})
+
+
+def run_name(setting: Setting, algorithm: str, fold: int, seed: int) -> str:
+    slug = setting.label.replace(" ", "").replace("(", "").replace(")", "").replace("-", "")
+    return f"{slug}-{algorithm}-fold{fold}-seed{seed}"
+
+
+def run_all(plan: Plan, out: Path, algorithms: Sequence[str], cpus_per_client: float) -> dict[str, Path]:
+    """Runs (or finds already finished) every run of the plan; returns run name -> run directory."""
+    from metafleet.simulations.cli import simulate
+
+    runs: dict[str, Path] = {}
+    jobs = [(s, a, f, seed) for s in plan.settings for f in plan.folds for seed in plan.seeds for a in algorithms]
+    started = time.monotonic()
+    for index, (setting, algorithm, fold, seed) in enumerate(jobs, start=1):
+        name = run_name(setting, algorithm, fold, seed)
+        run_dir = out / "runs" / name
+        runs[name] = run_dir
+        if (run_dir / "summary.json").is_file():
+            continue
+        if run_dir.exists():  # an interrupted run: its partial rows would mix with a fresh one
+            import shutil
+
+            shutil.rmtree(run_dir)
+        config = RunConfig.resolve(dataset=plan.dataset, algorithm=algorithm, rounds=plan.rounds, fold=fold,
+                                   seed=seed, **plan.common, **setting.overrides)
+        elapsed = time.monotonic() - started
+        print(f"[bench {index}/{len(jobs)}] {name} ({elapsed:.0f} s so far)", file=sys.stderr, flush=True)
+        simulate(config, run_dir, cpus_per_client=cpus_per_client)
+    return runs
+
+
+def _evaluations(run_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["phase"] == "evaluate"]
+
+
+def _per_client(row: dict[str, Any], steps: Sequence[int], guarded: bool = False) -> dict[int, list[float]]:
+    prefix = "guarded-" if guarded else ""
+    columns = [row[f"clients-{prefix}step-{s}"] for s in steps]
+    return {int(c): [float(col[i]) for col in columns] for i, c in enumerate(row["client-ids"])}
+
+
+def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tuple[list[dict], dict]:
+    """Result rows (one per setting, method and step count) and the curves over rounds for the plots."""
+    rows, over_rounds = [], {}
+    for setting in plan.settings:
+        per_method: dict[str, dict[tuple[int, int], list[float]]] = {}
+        walls: dict[str, float] = {}
+        steps: list[int] = []
+        metric = "accuracy"
+        for algorithm in algorithms:
+            for fold in plan.folds:
+                for seed in plan.seeds:
+                    run_dir = runs[run_name(setting, algorithm, fold, seed)]
+                    summary = json.loads((run_dir / "summary.json").read_text())
+                    config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+                    steps, metric = list(config.eval_steps), summary["personalization"]["metric"]
+                    evaluations = _evaluations(run_dir)
+                    initial, final = evaluations[0], evaluations[-1]
+                    if initial["round"] != 0 or final["round"] != config.rounds:
+                        raise MetafleetError(f"{run_dir} lacks the round-0 or the final evaluation")
+                    sources = {algorithm: _per_client(final, steps),
+                               f"{algorithm}+guard": _per_client(final, steps, guarded=True)}
+                    if algorithm == "fedavg":
+                        sources["local-only"] = _per_client(initial, steps)
+                        sources["fedavg+ft"] = sources.pop("fedavg")
+                        sources["fedavg+ft+guard"] = sources.pop("fedavg+guard")
+                    for method, clients in sources.items():
+                        walls[method] = walls.get(method, 0.0) + float(summary["wall_seconds"])
+                        table = per_method.setdefault(method, {})
+                        for client, curve in clients.items():
+                            table.setdefault((client, seed), curve)
+                    by_round = over_rounds.setdefault((setting.label, algorithm), {})
+                    for row in evaluations:
+                        by_round.setdefault(row["round"], []).append(row[f"mean-step-{steps[-1]}"])
+        for method, table in per_method.items():
+            clients = sorted({client for client, _ in table})
+            curves = np.array([np.mean([table[(c, s)] for s in plan.seeds if (c, s) in table], axis=0)
+                               for c in clients])
+            for index, step in enumerate(steps):
+                mean, ci = mean_and_ci95(curves[:, index])
+                rows.append({"dataset": plan.dataset, "setting": setting.label, "algorithm": method,
+                             "shots": setting.overrides.get("shots"), "steps": step, "metric": metric,
+                             "mean": mean, "ci95": ci, "clients": len(clients), "seeds": len(plan.seeds),
+                             "rounds": plan.rounds, "wall_seconds": walls[method]})
+        # FedAvg without adaptation is the fine-tuned model's step 0.
+        for row in [r for r in rows if r["setting"] == setting.label and r["algorithm"] == "fedavg+ft"
+                    and r["steps"] == 0]:
+            rows.append({**row, "algorithm": "fedavg"})
+    return rows, over_rounds
+
+
+def write_results(plan: Plan, out: Path, rows: list[dict], over_rounds: dict, elapsed: float) -> None:
+    results = {"dataset": plan.dataset, "rounds": plan.rounds, "folds": list(plan.folds), "seeds": list(plan.seeds),
+               "bench_wall_seconds": elapsed, "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"# Personalization benchmark: {plan.dataset}", "",
+             f"{plan.rounds} rounds, folds {list(plan.folds)}, seeds {list(plan.seeds)}; mean ± 95% CI over the "
+             "held-out clients pooled across folds (each client's value averaged over seeds).", ""]
+    for setting in plan.settings:
+        chosen = [r for r in rows if r["setting"] == setting.label]
+        if not chosen:
+            continue
+        steps = sorted({r["steps"] for r in chosen})
+        lines += [f"## {setting.label} ({chosen[0]['metric']}, {chosen[0]['clients']} held-out clients)", "",
+                  "| method | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                  "|---" * (len(steps) + 1) + "|"]
+        for method in dict.fromkeys(r["algorithm"] for r in chosen):
+            cells = []
+            for step in steps:
+                match = [r for r in chosen if r["algorithm"] == method and r["steps"] == step]
+                cells.append(f"{match[0]['mean']:.4f} ± {match[0]['ci95']:.4f}" if match else "")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(f"Benchmark wall time: {elapsed:.0f} s.")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(plan, out, rows, over_rounds)
+
+
+def _plot(plan: Plan, out: Path, rows: list[dict], over_rounds: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for index, setting in enumerate(plan.settings):
+        chosen = [r for r in rows if r["setting"] == setting.label and not r["algorithm"].endswith("+guard")
+                  and r["algorithm"] != "fedavg"]
+        if not chosen:
+            continue
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for method in dict.fromkeys(r["algorithm"] for r in chosen):
+            points = sorted((r["steps"], r["mean"], r["ci95"]) for r in chosen if r["algorithm"] == method)
+            steps, mean, ci = (np.array(v) for v in zip(*points, strict=True))
+            left.plot(steps, mean, marker="o", label=method)
+            left.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+        left.set(xlabel="adaptation steps on the support set", ylabel=chosen[0]["metric"],
+                 title=f"{plan.dataset} {setting.label}: held-out clients (95% CI)")
+        left.legend()
+        for (label, algorithm), by_round in over_rounds.items():
+            if label != setting.label:
+                continue
+            rounds = sorted(by_round)
+            right.plot(rounds, [np.mean(by_round[r]) for r in rounds], marker=".", label=algorithm)
+        right.set(xlabel="round", ylabel=f"{chosen[0]['metric']} after adaptation", title="during training")
+        right.legend()
+        figure.tight_layout()
+        figure.savefig(out / f"personalization-{index}.png", dpi=110)
+        plt.close(figure)
+
+
+def personalization_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="metafleet bench personalization",
+        description="Compare fedavg, fedavg+fine-tuning, local-only training, reptile, fomaml and maml on "
+        "held-out clients, through real federated runs. Writes results.json, results.md and plots.",
+    )
+    parser.add_argument("--dataset", choices=DATASETS, required=True)
+    parser.add_argument("--quick", action="store_true", help="one setting, one fold, one seed, few rounds")
+    parser.add_argument("--out", type=Path, required=True, help="benchmark directory (reruns continue in it)")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (fedavg is required)")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    unknown = sorted(set(algorithms) - set(ALGORITHMS))
+    if unknown or "fedavg" not in algorithms:
+        raise MetafleetError(f"--algorithms must list fedavg and only {list(ALGORITHMS)}, got {args.algorithms!r}")
+    plan = plan_for(args.dataset, args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    runs = run_all(plan, args.out, algorithms, args.cpus_per_client)
+    rows, over_rounds = collect(plan, runs, algorithms)
+    write_results(plan, args.out, rows, over_rounds, time.monotonic() - started)
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+def bench_command(argv: list[str]) -> int:
+    """``metafleet bench NAME ...``; benchmarks with their own module are run with ``python -m``."""
+    benches = {"personalization": personalization_command}
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: metafleet bench {{{','.join(benches)}}} [options]   (--help after the name for its options)")
+        return 0
+    if not argv or argv[0] not in benches:
+        raise MetafleetError(f"usage: metafleet bench {{{','.join(benches)}}} ... (got {argv[:1] or 'nothing'})")
+    return benches[argv[0]](argv[1:])
