@@ -62,12 +62,13 @@ class ClientData:
     ) -> Episode:
         """A random episode: ``shots`` support and ``query_shots`` query examples per class (or in all).
 
-        With ``ways`` set, the episode uses that many of the client's classes, relabelled 0..ways-1.
+        With ``ways`` set, the episode uses that many of the client's classes, relabelled 0..ways-1 (all of
+        them, fewer than ``ways``, on a client that has fewer classes).
         """
         split = self.splits[rng.integers(len(self.splits))]
         if self._uniform:
             return Episode(_take(split.support, rng, shots), _take(split.query, rng, query_shots))
-        classes = np.arange(self.num_classes) if ways is None else rng.choice(self.num_classes, ways, replace=False)
+        classes = np.arange(self.num_classes) if ways is None else _choose_classes(rng, self.num_classes, ways)
         return Episode(
             _per_class(split.support, classes, shots, rng, self.client_id),
             _per_class(split.query, classes, query_shots, rng, self.client_id),
@@ -81,10 +82,14 @@ class ClientData:
             if self._uniform:
                 episodes.append(Episode(_take(split.support, rng, shots), split.query))
                 continue
-            classes = np.arange(self.num_classes) if ways is None else rng.choice(self.num_classes, ways, replace=False)
+            classes = np.arange(self.num_classes) if ways is None else _choose_classes(rng, self.num_classes, ways)
             support = _per_class(split.support, classes, shots, rng, self.client_id)
             episodes.append(Episode(support, _relabel(split.query, classes)))
         return episodes
+
+
+def _choose_classes(rng: np.random.Generator, num_classes: int, ways: int) -> np.ndarray:
+    return rng.choice(num_classes, min(ways, num_classes), replace=False)
 
 
 def _take(batch: Batch, rng: np.random.Generator, count: int) -> Batch:

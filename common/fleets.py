@@ -18,7 +18,11 @@ def fleet_class(dataset: str) -> type[Fleet]:
         from metafleet.common.watch import WatchFleet
 
         return WatchFleet
-    raise ConfigError("dataset", dataset, "is not available in this version (sinusoid, watch are)")
+    if dataset == "omniglot":
+        from metafleet.common.omniglot import OmniglotFleet
+
+        return OmniglotFleet
+    raise ConfigError("dataset", dataset, "is not available in this version (sinusoid, watch, omniglot are)")
 
 
 def make_fleet(config: RunConfig) -> Fleet:
