@@ -37,4 +37,5 @@ def make_model(config: RunConfig) -> nn.Module:
 def split_clients(config: RunConfig) -> tuple[list[int], list[int]]:
     """(training client ids, held-out client ids), identical on the server and on every device."""
     held_out = held_out_client_ids(config.clients, config.held_out_clients, config.seed, config.fold)
-    return [i for i in range(config.clients) if i not in set(held_out)], held_out
+    excluded = set(held_out)
+    return [i for i in range(config.clients) if i not in excluded], held_out
