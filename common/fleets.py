@@ -22,7 +22,13 @@ def fleet_class(dataset: str) -> type[Fleet]:
         from metafleet.common.omniglot import OmniglotFleet
 
         return OmniglotFleet
-    raise ConfigError("dataset", dataset, "is not available in this version (sinusoid, watch, omniglot are)")
+    if dataset == "fashion-mnist":
+        from metafleet.common.fashion_mnist import FashionMnistFleet
+
+        return FashionMnistFleet
+    raise ConfigError(
+        "dataset", dataset, "is not available in this version (sinusoid, watch, omniglot, fashion-mnist are)"
+    )
 
 
 def make_fleet(config: RunConfig) -> Fleet:
