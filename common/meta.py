@@ -115,15 +115,30 @@ def adapt(
     """
     if steps < 0:
         raise ConfigError("inner_steps", steps, "must be >= 0")
-    loss_grad = grad(fmodel.loss)
+    loss_grad = grad(fmodel.loss) if differentiable else _first_order_grad(fmodel)
     if not differentiable:
         params = _detached(params)
     for _ in range(steps):
         grads = loss_grad(params, support)
-        if not differentiable:
-            grads = _detached(grads)
         params = {name: p - inner_lr * grads[name] for name, p in params.items()}
     return params
+
+
+def _first_order_grad(fmodel: FunctionalModel) -> Callable[[Params, Batch], Params]:
+    """The loss gradient as plain detached tensors, by ordinary autograd.
+
+    Same values as ``torch.func.grad`` (checked by the tests), but eager autograd keeps PyTorch's fused
+    kernels: an LSTM step is about 10x faster than under the ``grad`` transform. Only used where no
+    higher-order graph is wanted.
+    """
+
+    def loss_grad(params: Params, batch: Batch) -> Params:
+        with torch.enable_grad():
+            leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+            grads = torch.autograd.grad(fmodel.loss(leaves, batch), list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True))
+
+    return loss_grad
 
 
 @dataclass

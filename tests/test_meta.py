@@ -199,3 +199,26 @@ def test_guard_keeps_helpful_adaptation_and_refuses_a_diverging_one():
     assert keeps_adaptation(fmodel, params, support, steps=0, inner_lr=50.0)
     curve = [9.0, 1.0, 0.5]
     assert guarded_curve(fmodel, params, support, curve, [0, 1, 5], inner_lr=50.0) == [9.0, 9.0, 9.0]
+
+
+def test_first_order_adaptation_equals_the_torch_func_path_for_an_lstm():
+    torch.manual_seed(0)
+
+    class TinyCharModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(10, 4)
+            self.lstm = nn.LSTM(4, 8, batch_first=True)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.head(self.lstm(self.embedding(x))[0][:, -1])
+
+    fmodel = FunctionalModel(TinyCharModel(), CLASSIFICATION)
+    params = fmodel.init_params()
+    support = (torch.randint(0, 10, (6, 12)), torch.randint(0, 10, (6,)))
+    eager = adapt(fmodel, params, support, steps=3, inner_lr=0.5)
+    transformed = adapt(fmodel, params, support, steps=3, inner_lr=0.5, differentiable=True)
+    for name in params:
+        torch.testing.assert_close(eager[name], transformed[name].detach())
+        assert not eager[name].requires_grad
