@@ -38,7 +38,7 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
     "watch": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=10, held_out_clients=2),
     "omniglot": DatasetDefaults(1, 5, 0.1, (0, 1, 5, 10), clients=8, held_out_clients=2, ways=5),
     "fashion-mnist": DatasetDefaults(20, 20, 0.05, (0, 1, 5), clients=100, held_out_clients=10),
-    "shakespeare": DatasetDefaults(8, 8, 0.5, (0, 1, 5), clients=100, held_out_clients=10),
+    "shakespeare": DatasetDefaults(16, 16, 0.2, (0, 1, 5), clients=100, held_out_clients=10),
 }
 
 # FedAvg keeps its classical server (SGD with step 1 on θ − θ', i.e. model averaging). The meta methods

@@ -26,9 +26,11 @@ def fleet_class(dataset: str) -> type[Fleet]:
         from metafleet.common.fashion_mnist import FashionMnistFleet
 
         return FashionMnistFleet
-    raise ConfigError(
-        "dataset", dataset, "is not available in this version (sinusoid, watch, omniglot, fashion-mnist are)"
-    )
+    if dataset == "shakespeare":
+        from metafleet.common.shakespeare import ShakespeareFleet
+
+        return ShakespeareFleet
+    raise ConfigError("dataset", dataset, "is not a data set metafleet knows")
 
 
 def make_fleet(config: RunConfig) -> Fleet:
