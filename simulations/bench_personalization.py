@@ -66,7 +66,7 @@ def plan_for(dataset: str, quick: bool) -> Plan:
                     Setting("20-way 1-shot", {"ways": 20, "shots": 1}))
         full = Plan(dataset, settings, rounds=300, folds=tuple(range(4)), seeds=(0,), common={"eval_every": 100})
     elif dataset == "fashion-mnist":
-        full = Plan(dataset, (Setting("5-shot (label skew)", {}),), rounds=100, folds=(0, 1), seeds=(0,),
+        full = Plan(dataset, (Setting("20-shot (label skew)", {"shots": 20}),), rounds=100, folds=(0, 1), seeds=(0,),
                     common={"eval_every": 25})
     elif dataset == "shakespeare":
         full = Plan(dataset, (Setting("next character", {}),), rounds=100, folds=(0,), seeds=(0,),
