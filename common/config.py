@@ -30,13 +30,14 @@ class DatasetDefaults:
     clients: int
     held_out_clients: int
     ways: int = 0
+    eval_episodes: int = 1
 
 
 # Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
 DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
     "sinusoid": DatasetDefaults(10, 10, 0.02, (0, 1, 5, 10), clients=200, held_out_clients=20),
     "watch": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=10, held_out_clients=2),
-    "omniglot": DatasetDefaults(1, 5, 0.1, (0, 1, 5, 10), clients=8, held_out_clients=2, ways=5),
+    "omniglot": DatasetDefaults(1, 5, 0.1, (0, 1, 5, 10), clients=8, held_out_clients=2, ways=5, eval_episodes=10),
     "fashion-mnist": DatasetDefaults(20, 20, 0.05, (0, 1, 5), clients=100, held_out_clients=10),
     "shakespeare": DatasetDefaults(16, 16, 0.2, (0, 1, 5), clients=100, held_out_clients=10),
 }
@@ -73,6 +74,9 @@ class RunConfig:
     seed: int = 0
     # Classes per episode; 0 means every class the client has (and regression ignores it).
     ways: int = 0
+    # Evaluation episodes per split of a held-out client: more than one where an episode sees only a few
+    # of the client's classes (Omniglot's 5 of 17-47 characters), so one draw would be noise.
+    eval_episodes: int = 0
     # Which block of the seeded client permutation is held out: folds 0..clients//held_out_clients-1
     # together hold out every client once (leave-clients-out cross-validation).
     fold: int = 0
@@ -98,6 +102,7 @@ class RunConfig:
             "inner_lr": defaults.inner_lr,
             "eval_steps": defaults.eval_steps,
             "ways": defaults.ways,
+            "eval_episodes": defaults.eval_episodes,
             "outer_optimizer": ALGORITHM_OUTER_OPTIMIZER[algorithm],
         }
         filled.update(given)
@@ -152,6 +157,7 @@ class RunConfig:
                  "must be in [1, clients_per_round]")
         _require(self, "max_update_norm", _finite_positive(self.max_update_norm), "must be a finite number > 0")
         _require(self, "ways", self.ways == 0 or self.ways >= 2, "must be 0 (all classes) or >= 2")
+        _require(self, "eval_episodes", 1 <= self.eval_episodes <= 100, "must be in [1, 100]")
         _require(self, "fold", 0 <= self.fold < self.folds,
                  f"must be in [0, {self.folds}) ({self.clients} clients, {self.held_out_clients} held out per fold)")
 

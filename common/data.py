@@ -74,17 +74,21 @@ class ClientData:
             _per_class(split.query, classes, query_shots, rng, self.client_id),
         )
 
-    def evaluation_episodes(self, shots: int, seed: int, ways: int | None = None) -> list[Episode]:
-        """Fixed episodes for personalization evaluation: one per split, the whole query pool as query set."""
+    def evaluation_episodes(self, shots: int, seed: int, ways: int | None = None, per_split: int = 1) -> list[Episode]:
+        """Fixed episodes for personalization evaluation: ``per_split`` per split, each with the split's whole
+        query pool (restricted to the episode's classes) as query set."""
         rng = np.random.default_rng([seed, self.client_id, 7])
         episodes = []
         for split in self.splits:
-            if self._uniform:
-                episodes.append(Episode(_take(split.support, rng, shots), split.query))
-                continue
-            classes = np.arange(self.num_classes) if ways is None else _choose_classes(rng, self.num_classes, ways)
-            support = _per_class(split.support, classes, shots, rng, self.client_id)
-            episodes.append(Episode(support, _relabel(split.query, classes)))
+            for _ in range(per_split):
+                if self._uniform:
+                    episodes.append(Episode(_take(split.support, rng, shots), split.query))
+                    continue
+                classes = (
+                    np.arange(self.num_classes) if ways is None else _choose_classes(rng, self.num_classes, ways)
+                )
+                support = _per_class(split.support, classes, shots, rng, self.client_id)
+                episodes.append(Episode(support, _relabel(split.query, classes)))
         return episodes
 
 

@@ -52,7 +52,7 @@ def client_personalization(
     """The client's query metric after each of ``config.eval_steps`` adaptation steps, mean over its episodes:
     (plain curve, the curve with the personalization guard deciding on the device whether to adapt)."""
     plain, guarded = [], []
-    for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None):
+    for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None, config.eval_episodes):
         curve = personalization_curve(
             fmodel, params, episode.support, episode.query, config.eval_steps, config.inner_lr
         )

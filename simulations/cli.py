@@ -38,6 +38,7 @@ def simulate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=int, help="which block of clients is held out (folds cover every client)")
     parser.add_argument("--eval-every", type=int, help="personalization evaluation every E rounds")
     parser.add_argument("--eval-steps", help="comma-separated adaptation steps to report, from 0")
+    parser.add_argument("--eval-episodes", type=int, help="evaluation episodes per support/query split of a device")
     parser.add_argument("--secure-aggregation", action="store_true", default=None)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", type=Path, help="run directory (default runs/DATASET-ALGORITHM-TIME)")

@@ -93,6 +93,18 @@ def test_episodes_have_k_shots_per_class_and_n_ways_relabelled():
     assert sorted(episode.query[1].tolist()) == [0, 1, 2]
 
 
+def test_several_evaluation_episodes_per_split_draw_different_classes():
+    x = torch.arange(80, dtype=torch.float32).reshape(40, 2)
+    y = torch.arange(40) % 20
+    client = ClientData(0, (Split((x, y), (x, y)),), 20)
+    episodes = client.evaluation_episodes(shots=1, seed=0, ways=5, per_split=4)
+    assert len(episodes) == 4 and all(len(e.support[1]) == 5 and len(e.query[1]) == 10 for e in episodes)
+    assert len({tuple(e.support[0][:, 0].tolist()) for e in episodes}) == 4
+    assert [e.support[0].tolist() for e in episodes] == [
+        e.support[0].tolist() for e in client.evaluation_episodes(shots=1, seed=0, ways=5, per_split=4)
+    ]
+
+
 def test_uniform_sampling_draws_k_examples_in_all_and_keeps_labels():
     x = torch.arange(40, dtype=torch.float32).reshape(20, 2)
     y = torch.tensor([0] * 18 + [3] * 2)  # a skewed client: most examples of one class, some classes absent
