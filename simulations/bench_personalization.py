@@ -65,13 +65,13 @@ def plan_for(dataset: str, quick: bool) -> Plan:
     elif dataset == "omniglot":
         settings = (Setting("5-way 1-shot", {"ways": 5, "shots": 1}),
                     Setting("20-way 1-shot", {"ways": 20, "shots": 1}))
-        full = Plan(dataset, settings, rounds=300, folds=tuple(range(4)), seeds=(0,), common={"eval_every": 100})
+        full = Plan(dataset, settings, rounds=100, folds=(0, 1), seeds=(0,), common={"eval_every": 50})
     elif dataset == "fashion-mnist":
-        full = Plan(dataset, (Setting("20-shot (label skew)", {"shots": 20}),), rounds=100, folds=(0, 1), seeds=(0,),
-                    common={"eval_every": 25})
+        full = Plan(dataset, (Setting("20-shot (label skew)", {"shots": 20}),), rounds=60, folds=(0,), seeds=(0,),
+                    common={"eval_every": 20})
     elif dataset == "shakespeare":
-        full = Plan(dataset, (Setting("next character", {}),), rounds=100, folds=(0,), seeds=(0,),
-                    common={"eval_every": 25})
+        full = Plan(dataset, (Setting("next character", {}),), rounds=60, folds=(0,), seeds=(0,),
+                    common={"eval_every": 30})
     elif dataset == "sinusoid":
         full = Plan(dataset, (Setting("10-shot", {}),), rounds=100, folds=(0,), seeds=(0, 1),
                     common={"clients": 200, "clients_per_round": 25, "inner_steps": 3, "eval_every": 50})
