@@ -9,9 +9,11 @@ support pool of one split and its query set from the same split's query pool.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -171,6 +173,31 @@ class Fleet(ABC):
     def check_client_id(self, client_id: int) -> None:
         if not 0 <= client_id < self.num_clients:
             raise DataError(f"{self.name} has clients 0..{self.num_clients - 1}, not {client_id}")
+
+
+def locate_data(
+    env_var: str, candidates: Sequence[Path], problem: Callable[[Path], str | None], what: str, hint: str
+) -> Path:
+    """Where a data set lies: the path in ``env_var`` if it is set, else the first usable candidate.
+
+    ``problem(path)`` says what is wrong with a path (None when usable). Every failure is a ``DataError``
+    naming the place looked at, what is wrong and ``hint``, the command that fetches the data.
+    """
+    override = os.environ.get(env_var)
+    if override:
+        trouble = problem(Path(override))
+        if trouble:
+            raise DataError(f"{env_var}={override} {trouble}; {hint}")
+        return Path(override)
+    for path in candidates:
+        if problem(path) is None:
+            return path
+    places = ", ".join(str(path) for path in candidates) or "no default place"
+    raise DataError(f"{what} was not found ({env_var} is not set; looked in {places}); {hint}")
+
+
+def file_problem(path: Path) -> str | None:
+    return None if path.is_file() else "does not exist"
 
 
 def held_out_client_ids(num_clients: int, held_out: int, seed: int, fold: int = 0) -> list[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from metafleet.common.config import RunConfig
-from metafleet.common.data import ClientData, Fleet, Split
+from metafleet.common.data import ClientData, Fleet, Split, locate_data
 from metafleet.common.errors import ConfigError, DataError
 from metafleet.common.meta import CLASSIFICATION
 from metafleet.common.models import ConvNet4
@@ -70,19 +69,12 @@ def _missing(folder: Path) -> list[str]:
 
 def locate_fashion_mnist_dir() -> Path:
     """The data folder: METAFLEET_FASHION_MNIST_DIR if set, else the Debian package's, else ``<repo>/.data``."""
-    override = os.environ.get("METAFLEET_FASHION_MNIST_DIR")
-    if override:
-        missing = _missing(Path(override))
-        if missing:
-            raise DataError(f"METAFLEET_FASHION_MNIST_DIR={override} lacks {', '.join(missing)}; {INSTALL_HINT}")
-        return Path(override)
-    for folder in (SYSTEM_DIR, REPO_DIR):
-        if not _missing(folder):
-            return folder
-    raise DataError(
-        f"Fashion-MNIST was not found: neither {SYSTEM_DIR} nor {REPO_DIR} holds "
-        f"{', '.join(f'{stem}.gz' for stem, _ in IDX_FILES.values())}; {INSTALL_HINT}"
-    )
+
+    def problem(folder: Path) -> str | None:
+        missing = _missing(folder)
+        return f"lacks {', '.join(missing)}" if missing else None
+
+    return locate_data("METAFLEET_FASHION_MNIST_DIR", [SYSTEM_DIR, REPO_DIR], problem, "Fashion-MNIST", INSTALL_HINT)
 
 
 def read_idx(path: Path, expected_sha256: str | None = None) -> np.ndarray:

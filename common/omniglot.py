@@ -23,7 +23,6 @@ Only the alphabets a process asks for are decoded, once per process (about 0.3 m
 from __future__ import annotations
 
 import io
-import os
 import re
 import zipfile
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from metafleet.common.config import RunConfig
-from metafleet.common.data import ClientData, Fleet, Split
+from metafleet.common.data import ClientData, Fleet, Split, locate_data
 from metafleet.common.errors import ConfigError, DataError
 from metafleet.common.meta import CLASSIFICATION
 from metafleet.common.models import ConvNet4
@@ -59,19 +58,10 @@ _PNG = re.compile(r"[^/]+/(?P<alphabet>[^/]+)/(?P<character>character\d+)/\d+_(?
 
 
 def locate_omniglot_dir() -> Path:
-    """The data folder: ``$METAFLEET_OMNIGLOT_DIR`` if set, else the repository's ``data/omniglot``."""
-    override = os.environ.get(ENV_VAR)
-    if override:
-        path = Path(override)
-        if not path.is_dir():
-            raise DataError(f"{ENV_VAR}={override} is not a folder; {FIX_HINT}")
-        return path
-    if REPO_DATA_DIR.is_dir():
-        return REPO_DATA_DIR
-    raise DataError(
-        f"the Omniglot data was not found: {ENV_VAR} is not set and {REPO_DATA_DIR} does not exist "
-        f"(a non-editable install does not ship data/); {FIX_HINT}"
-    )
+    """The data folder: ``$METAFLEET_OMNIGLOT_DIR`` if set, else the repository's ``data/omniglot``
+    (a non-editable install does not ship ``data/``)."""
+    return locate_data(ENV_VAR, [REPO_DATA_DIR], lambda path: None if path.is_dir() else "is not a folder",
+                       "the Omniglot data", FIX_HINT)
 
 
 @dataclass(frozen=True)

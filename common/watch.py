@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from metafleet.common.config import RunConfig
-from metafleet.common.data import ClientData, Fleet, Split
+from metafleet.common.data import ClientData, Fleet, Split, file_problem, locate_data
 from metafleet.common.errors import ConfigError, DataError
 from metafleet.common.meta import CLASSIFICATION
 from metafleet.common.models import SensorCNN
@@ -36,19 +35,11 @@ WINDOW, STRIDE, CHANNELS, NUM_CLASSES, NUM_SUBJECTS = 100, 50, 6, 7, 10
 
 def locate_watch_file() -> Path:
     """The data file: METAFLEET_WATCH_FILE if set, else the one inside an installed seglearn wheel."""
-    override = os.environ.get("METAFLEET_WATCH_FILE")
-    if override:
-        path = Path(override)
-        if not path.is_file():
-            raise DataError(f"METAFLEET_WATCH_FILE={override} does not exist; {INSTALL_HINT}")
-        return path
     spec = importlib.util.find_spec("seglearn")  # locates the package without running its code
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            path = Path(folder) / "data" / "watch_dataset.npy"
-            if path.is_file():
-                return path
-    raise DataError(f"the smartwatch data set (watch_dataset.npy) was not found; {INSTALL_HINT}")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    candidates = [Path(folder) / "data" / "watch_dataset.npy" for folder in folders]
+    return locate_data("METAFLEET_WATCH_FILE", candidates, file_problem, "the smartwatch data set (watch_dataset.npy)",
+                       INSTALL_HINT)
 
 
 def load_recordings(path: Path | None = None) -> dict:
