@@ -36,6 +36,8 @@ from metafleet.common.data import mean_and_ci95
 from metafleet.common.errors import MetafleetError
 
 ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml")
+# One colour per method in every plot; the FedAvg run's curves share fedavg+ft's.
+COLORS = {"local-only": "C0", "fedavg+ft": "C1", "fedavg": "C1", "reptile": "C2", "fomaml": "C3", "maml": "C4"}
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,8 @@ def _plot(plan: Plan, out: Path, rows: list[dict], over_rounds: dict) -> None:
         for method in dict.fromkeys(r["algorithm"] for r in chosen):
             points = sorted((r["steps"], r["mean"], r["ci95"]) for r in chosen if r["algorithm"] == method)
             steps, mean, ci = (np.array(v) for v in zip(*points, strict=True))
-            left.plot(steps, mean, marker="o", label=method)
-            left.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+            left.plot(steps, mean, marker="o", label=method, color=COLORS.get(method))
+            left.fill_between(steps, mean - ci, mean + ci, alpha=0.2, color=COLORS.get(method))
         left.set(xlabel="adaptation steps on the support set", ylabel=chosen[0]["metric"],
                  title=f"{plan.dataset} {setting.label}: held-out clients (95% CI)")
         left.legend()
@@ -225,7 +227,8 @@ def _plot(plan: Plan, out: Path, rows: list[dict], over_rounds: dict) -> None:
             if label != setting.label:
                 continue
             rounds = sorted(by_round)
-            right.plot(rounds, [np.mean(by_round[r]) for r in rounds], marker=".", label=algorithm)
+            right.plot(rounds, [np.mean(by_round[r]) for r in rounds], marker=".", label=algorithm,
+                       color=COLORS.get(algorithm))
         right.set(xlabel="round", ylabel=f"{chosen[0]['metric']} after adaptation", title="during training")
         right.legend()
         figure.tight_layout()
