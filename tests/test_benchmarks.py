@@ -1,0 +1,74 @@
+"""The two simulation benchmarks at a tiny size: they run end to end and their JSON holds what the tables show."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+COMMANDS = {
+    "overhead": ["--datasets", "sinusoid", "--clients", "4", "--clients-per-round", "2", "--rounds", "3",
+                 "--warmup-rounds", "1", "--repeats", "1", "--timeout", "150"],
+    # Discovery in batches of 8: three sends that together must ask each of the 20 nodes once.
+    "fleet": ["--clients", "20", "--clients-per-round", "5", "--rounds", "3", "--timeout", "150",
+              "--discovery-batch", "8"],
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    """Both benchmarks at once: each is mostly Ray's start-up and waits, so together they take the time of one."""
+    folder = tmp_path_factory.mktemp("bench")
+    processes = {
+        name: subprocess.Popen([sys.executable, "-m", f"metafleet.simulations.bench_{name}", "--out",
+                                str(folder / f"{name}.json"), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, args in COMMANDS.items()
+    }
+    outputs = {name: process.communicate(timeout=300)[0] for name, process in processes.items()}
+    return {name: (process.returncode, outputs[name], folder / f"{name}.json") for name, process in processes.items()}
+
+
+def _result(results: dict, name: str) -> dict:
+    returncode, output, file = results[name]
+    assert returncode == 0, output
+    return json.loads(file.read_text())
+
+
+def test_overhead_benchmark_times_both_systems_on_equal_work(results):
+    result = _result(results, "overhead")
+    (row,) = result["results"]
+    assert row["dataset"] == "sinusoid" and row["config"]["clients_per_round"] == 2
+    runs = {run["system"]: run for run in row["runs"]}
+    assert set(runs) == {"metafleet", "flower"} and all(run["ok"] for run in runs.values())
+    for run in runs.values():
+        assert run["replies_per_round"] == [2, 2, 2]
+        assert len(run["round_seconds"]) == 1 and run["round_seconds"][0] > 0  # round 2 of 3
+        assert len(run["load_before"]) == 3 and len(run["load_after"]) == 3
+        # Equal work: the same number of train messages reached the same kind of handler.
+        assert run["client_messages"]["train"] == 6 and run["median_client_train_ms"] > 0
+    # metafleet asks every node once who it is and evaluates its 1 held-out client (round 0 and the last round).
+    assert runs["metafleet"]["client_messages"]["query"] == 4 and runs["metafleet"]["client_messages"]["evaluate"] >= 1
+    assert set(runs["metafleet"]["median_server_calls_ms"]) == {"aggregate_train", "save_checkpoint", "append_metrics"}
+    medians, cpu = row["median_round_s"], row["cpu_per_round_s"]
+    assert row["ratio"] == pytest.approx(medians["metafleet"] / medians["flower"])
+    assert all(runs[system]["cpu_per_round_s"] >= 0 for system in runs) and set(cpu) == {"metafleet", "flower"}
+
+
+def test_fleet_benchmark_reports_discovery_rounds_and_the_whole_trees_memory(results):
+    result = _result(results, "fleet")
+    (row,) = result["results"]
+    assert row["ok"] and row["clients"] == 20 and row["summary_rounds_completed"] == 3
+    assert row["query_batches"] == 3 and row["query_sent"] == 20 and row["query_replies"] == 20
+    assert row["query_errors"] == 0
+    assert 0 < row["query_send_receive_s"] <= row["discovery_s"]
+    assert row["rounds_done"] == 3 and len(row["round_seconds"]) == 1
+    assert row["rounds_per_minute"] == pytest.approx(60 / row["median_round_s"])
+    assert row["final_evaluation_replies"] == 2 and row["initial_evaluation_s"] > 0  # 2 of 20 clients held out
+    assert row["startup_s"] > 0 and len(row["load_before"]) == 3 and len(row["load_after"]) == 3
+    # Ray's GCS, raylet and workers are in the tree: more processes, and far more memory than one Python.
+    assert row["max_processes"] >= 4
+    assert row["peak_pss_mb"] > 500 and row["peak_rss_mb"] >= row["peak_pss_mb"]
