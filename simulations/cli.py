@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -101,8 +102,13 @@ def print_summary(summary: dict) -> None:
         return
     print(f"personalization on {personalization['held_out_clients']} held-out clients "
           f"({personalization['metric']}, mean ± 95% CI):")
-    for step, mean, ci in zip(personalization["steps"], personalization["mean"], personalization["ci95"], strict=True):
-        print(f"  after {step:>3} steps: {mean:.4f} ± {ci:.4f}")
+    guarded = zip(personalization.get("guarded_mean") or [], personalization.get("guarded_ci95") or [], strict=True)
+    rows = zip(personalization["steps"], personalization["mean"], personalization["ci95"], strict=True)
+    for (step, mean, ci), guarded_values in itertools.zip_longest(rows, guarded):
+        line = f"  after {step:>3} steps: {mean:.4f} ± {ci:.4f}"
+        if guarded_values is not None:
+            line += f"   with the device's guard: {guarded_values[0]:.4f} ± {guarded_values[1]:.4f}"
+        print(line)
     print(f"run directory: {summary['run_dir']}")
 
 
