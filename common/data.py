@@ -51,6 +51,11 @@ class ClientData:
     def _uniform(self) -> bool:
         return self.num_classes is None or self.sampling == "uniform"
 
+    def _episode_classes(self, rng: np.random.Generator, ways: int | None) -> np.ndarray:
+        if ways is None:
+            return np.arange(self.num_classes)
+        return rng.choice(self.num_classes, min(ways, self.num_classes), replace=False)
+
     def validate(self, input_shape: tuple[int, ...]) -> None:
         """Raise ``DataError`` naming the client and the problem if any pool is unusable."""
         if not self.splits:
@@ -70,7 +75,7 @@ class ClientData:
         split = self.splits[rng.integers(len(self.splits))]
         if self._uniform:
             return Episode(_take(split.support, rng, shots), _take(split.query, rng, query_shots))
-        classes = np.arange(self.num_classes) if ways is None else _choose_classes(rng, self.num_classes, ways)
+        classes = self._episode_classes(rng, ways)
         return Episode(
             _per_class(split.support, classes, shots, rng, self.client_id),
             _per_class(split.query, classes, query_shots, rng, self.client_id),
@@ -86,16 +91,10 @@ class ClientData:
                 if self._uniform:
                     episodes.append(Episode(_take(split.support, rng, shots), split.query))
                     continue
-                classes = (
-                    np.arange(self.num_classes) if ways is None else _choose_classes(rng, self.num_classes, ways)
-                )
+                classes = self._episode_classes(rng, ways)
                 support = _per_class(split.support, classes, shots, rng, self.client_id)
                 episodes.append(Episode(support, _relabel(split.query, classes)))
         return episodes
-
-
-def _choose_classes(rng: np.random.Generator, num_classes: int, ways: int) -> np.ndarray:
-    return rng.choice(num_classes, min(ways, num_classes), replace=False)
 
 
 def _take(batch: Batch, rng: np.random.Generator, count: int) -> Batch:

@@ -285,19 +285,31 @@ def keeps_adaptation(
     or a badly chosen step size. It needs no query data, so a real device can run it. Where the support
     set cannot be split (1-shot), adaptation is kept: that is what few-shot models are trained for.
     """
+    return guard_decisions(fmodel, params, support, [steps], inner_lr, max_folds)[0]
+
+
+def guard_decisions(
+    fmodel: FunctionalModel, params: Params, support: Batch, steps: Sequence[int], inner_lr: float,
+    max_folds: int = 5,
+) -> list[bool]:
+    """``keeps_adaptation`` for each step count in ``steps`` (ascending) at the cost of the largest alone:
+    each fold's adaptation continues from the previous step count instead of starting over."""
     folds = cross_validation_folds(support, fmodel.objective, max_folds)
-    if steps == 0 or not folds:
-        return True
+    if not folds:
+        return [True] * len(steps)
     x, y = support
-    adapted_loss = base_loss = 0.0
+    adapted_loss, base_loss = [0.0] * len(steps), 0.0
     for held in folds:
         keep = torch.ones(len(y), dtype=torch.bool)
         keep[held] = False
-        adapted = adapt(fmodel, params, (x[keep], y[keep]), steps, inner_lr)
         held_batch = (x[held], y[held])
-        adapted_loss += float(fmodel.loss(adapted, held_batch)) * len(held)
         base_loss += float(fmodel.loss(params, held_batch)) * len(held)
-    return adapted_loss < base_loss
+        adapted, done = params, 0
+        for index, target in enumerate(steps):
+            adapted = adapt(fmodel, adapted, (x[keep], y[keep]), target - done, inner_lr)
+            done = target
+            adapted_loss[index] += float(fmodel.loss(adapted, held_batch)) * len(held)
+    return [step == 0 or loss < base_loss for step, loss in zip(steps, adapted_loss, strict=True)]
 
 
 def guarded_curve(
@@ -306,10 +318,8 @@ def guarded_curve(
 ) -> list[float]:
     """``curve`` as the guard would deliver it: at each step count, the adapted metric if the guard keeps
     adaptation, else the unadapted one (``curve[0]``)."""
-    return [
-        value if keeps_adaptation(fmodel, params, support, step, inner_lr) else curve[0]
-        for value, step in zip(curve, steps, strict=True)
-    ]
+    decisions = guard_decisions(fmodel, params, support, steps, inner_lr)
+    return [value if kept else curve[0] for value, kept in zip(curve, decisions, strict=True)]
 
 
 def check_update(update: Params, reference: Params) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -104,8 +105,6 @@ def run_all(plan: Plan, out: Path, algorithms: Sequence[str], cpus_per_client: f
         if (run_dir / "summary.json").is_file():
             continue
         if run_dir.exists():  # an interrupted run: its partial rows would mix with a fresh one
-            import shutil
-
             shutil.rmtree(run_dir)
         config = RunConfig.resolve(dataset=plan.dataset, algorithm=algorithm, rounds=plan.rounds, fold=fold,
                                    seed=seed, **plan.common, **setting.overrides)

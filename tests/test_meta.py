@@ -13,6 +13,7 @@ from metafleet.common.meta import (
     adapt,
     check_update,
     cross_validation_folds,
+    guard_decisions,
     guarded_curve,
     keeps_adaptation,
     local_update,
@@ -197,6 +198,9 @@ def test_guard_keeps_helpful_adaptation_and_refuses_a_diverging_one():
     assert keeps_adaptation(fmodel, params, support, steps=5, inner_lr=0.01)
     assert not keeps_adaptation(fmodel, params, support, steps=5, inner_lr=50.0)
     assert keeps_adaptation(fmodel, params, support, steps=0, inner_lr=50.0)
+    for lr in (0.01, 0.5, 50.0):  # the incremental decisions equal one independent decision per step count
+        independent = [keeps_adaptation(fmodel, params, support, steps=k, inner_lr=lr) for k in (0, 1, 5)]
+        assert guard_decisions(fmodel, params, support, [0, 1, 5], inner_lr=lr) == independent
     curve = [9.0, 1.0, 0.5]
     assert guarded_curve(fmodel, params, support, curve, [0, 1, 5], inner_lr=50.0) == [9.0, 9.0, 9.0]
 
