@@ -34,8 +34,24 @@ def _processes_with_argument(argument: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argument.encode() in cmdline:
+        if argument.encode() in cmdline and not _is_zombie(entry):
             pids.append(int(entry.name))
+    return pids
+
+
+def _is_zombie(proc_entry: Path) -> bool:
+    try:
+        # the state follows the parenthesised command name, which may itself contain spaces
+        return (proc_entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _processes_left_after(argument: str, seconds: float) -> list[int]:
+    """SIGKILL takes effect asynchronously: a killed process stays in /proc until it has exited."""
+    deadline = time.monotonic() + seconds
+    while (pids := _processes_with_argument(argument)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return pids
 
 
@@ -81,4 +97,4 @@ def test_flwr_run_trains_and_writes_the_run_directory(tmp_path):
     train_rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in train_rounds if r["phase"] == "train"] == [1, 2, 3]
     assert summary["personalization"]["steps"][0] == 0
-    assert not _processes_with_argument(control_address), "the local SuperLink is still running"
+    assert not _processes_left_after(control_address, 20), "the local SuperLink is still running"
