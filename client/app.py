@@ -3,7 +3,9 @@
 Handlers:
 - ``query``: who this device is (client id, training or held-out, example count), asked once at start;
 - ``train``: the configured algorithm's local update from the received θ; the pseudo-gradient travels in
-  the ArrayRecord (the payload secure aggregation masks), never in metrics;
+  the ArrayRecord (the payload secure aggregation masks), never in metrics. Under secure aggregation,
+  Flower's ``secaggplus_mod`` masks it and the handler speaks the legacy record keys the mod expects
+  (``fitins.*`` in, ``fitres.*`` out);
 - ``evaluate``: personalization on a held-out device: the query metric after each number of adaptation
   steps. Nothing of the device's data leaves it, only these numbers.
 """
@@ -13,21 +15,73 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
-from metafleet.common.errors import DataError
+from metafleet.common.errors import DataError, MetafleetError
 from metafleet.common.fleets import make_fleet, split_clients
-from metafleet.common.meta import FunctionalModel, check_update
+from metafleet.common.meta import FunctionalModel, check_update, global_norm
+from metafleet.common.privacy import clip_to_norm, clip_values
 from metafleet.common.records import from_array_record, to_array_record
 from metafleet.common.training import client_personalization, client_train
 
 log = logging.getLogger("metafleet.client")
-app = ClientApp()
+# The record keys of Flower's legacy FitIns, which SecAgg+'s workflow sends.
+LEGACY_PARAMS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"
+
+
+class AggregationModeError(MetafleetError):
+    """The server and this device disagree on secure aggregation."""
+
+# A device may insist on one aggregation mode: node config "secure-aggregation=true" (its update never
+# leaves unmasked) or "=false"; without the key it follows the server.
+NODE_SECURE_AGGREGATION = "secure-aggregation"
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Routes SecAgg+ training messages through Flower's ``secaggplus_mod`` and refuses a mode mismatch
+    loudly: without this, a secure client facing a plain server (or the reverse) fails with a KeyError deep
+    in the mod, or the run "finishes" having trained nothing."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    server_secure = RECORD_KEY_CONFIGS in msg.content.config_records
+    required = _device_secure_aggregation(context)
+    if required is True and not server_secure:
+        raise AggregationModeError(
+            "this device is set up for secure aggregation (node config secure-aggregation=true) but the server "
+            "sent a plain training request; its update would reach the server unmasked, so it stays on the "
+            "device. Run the server with --secure-aggregation."
+        )
+    if required is False and server_secure:
+        raise AggregationModeError(
+            "the server runs secure aggregation (SecAgg+) but this device is set up without it (node config "
+            "secure-aggregation=false); restart the device without that setting to take part."
+        )
+    if server_secure:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _device_secure_aggregation(context: Context) -> bool | None:
+    value = context.node_config.get(NODE_SECURE_AGGREGATION)
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise AggregationModeError(f"node config secure-aggregation must be true or false, got {value!r}")
+    return text == "true"
+
+
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 @lru_cache(maxsize=4)
@@ -78,7 +132,15 @@ class Device:
         return _client_data(self.config, self.client_id)
 
     def received_params(self, msg: Message) -> dict[str, torch.Tensor]:
-        params = from_array_record(msg.content["arrays"])
+        if LEGACY_PARAMS in msg.content.array_records:
+            # The legacy record numbers the arrays; their order is the model's.
+            arrays = list(msg.content[LEGACY_PARAMS].values())
+            names = list(_reference_params(self.config))
+            if len(arrays) != len(names):
+                raise ValueError(f"client {self.client_id} received {len(arrays)} arrays, the model has {len(names)}")
+            params = {name: torch.from_numpy(array.numpy().copy()) for name, array in zip(names, arrays, strict=True)}
+        else:
+            params = from_array_record(msg.content["arrays"])
         try:
             check_update(params, _reference_params(self.config))
         except ValueError as error:
@@ -104,14 +166,40 @@ def train(msg: Message, context: Context) -> Message:
     device = Device(context)
     if device.held_out:
         raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
+    secure = LEGACY_PARAMS in msg.content.array_records
+    if device.config.secure_aggregation and not secure:
+        raise AggregationModeError(
+            "the run asks for secure aggregation but the server sent a plain training request: the server app "
+            "does not run SecAgg+, so this device keeps its update"
+        )
     params = device.received_params(msg)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content[LEGACY_CONFIG if secure else "config"]["server-round"])
     rng = np.random.default_rng([device.config.seed, server_round, device.client_id])
     update = client_train(device.fmodel, params, device.data, device.config, rng)
-    # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum.
+    # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum
+    # (the server cannot see which client sent it), so the device refuses and drops out of the round.
     check_update(update.pseudo_grad, params)
-    metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
-    return Message(RecordDict({"arrays": to_array_record(update.pseudo_grad), "metrics": metrics}), reply_to=msg)
+    pseudo_grad, weight = update.pseudo_grad, update.num_examples
+    if device.config.differential_privacy:
+        pseudo_grad, _ = clip_to_norm(pseudo_grad, device.config.dp_clip_norm)
+        weight = 1
+    if not secure:
+        metrics = MetricRecord({"num-examples": weight, **update.metrics})
+        return Message(RecordDict({"arrays": to_array_record(pseudo_grad), "metrics": metrics}), reply_to=msg)
+    norm = global_norm(pseudo_grad)
+    if norm > device.config.max_update_norm:
+        # The plain server drops such a reply; the secure one cannot see it, so the device checks.
+        raise ValueError(f"update norm {norm:.3g} exceeds max_update_norm {device.config.max_update_norm:.3g}")
+    pseudo_grad, clamped = clip_values(pseudo_grad, device.config.secagg_clipping_range)
+    if clamped:
+        log.warning("client %d clamped %d update values to ±%g for SecAgg+", device.client_id, clamped,
+                    device.config.secagg_clipping_range)
+    # Only the masked update and the example count leave: per-client losses would say more than the mean.
+    fitres = FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters([t.detach().numpy() for t in pseudo_grad.values()]),
+        int(weight), {"secagg-clamped": clamped},
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 @app.evaluate()

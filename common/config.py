@@ -71,6 +71,19 @@ class RunConfig:
     min_replies: int = 1
     max_update_norm: float = 1e4
     secure_aggregation: bool = False
+    # SecAgg+ (Flower's SecAggPlusWorkflow): every value of an update must lie in ±secagg_clipping_range
+    # (the client clips and says so); values are quantized in steps of 2·range/2^22. Shares: how many
+    # neighbours hold a share of each client's mask keys (0: every sampled client, at most 11); threshold:
+    # how many of them must survive to unmask (0: a majority of the shares).
+    secagg_clipping_range: float = 8.0
+    secagg_shares: int = 0
+    secagg_threshold: int = 0
+    # Differential privacy (client-level, DP-FedAvg of McMahan et al., ICLR 2018): with a noise multiplier
+    # > 0 every client clips its update to dp_clip_norm, the mean is unweighted, and the server adds
+    # Gaussian noise of std noise_multiplier·clip_norm/clients to it; epsilon at dp_delta is reported.
+    dp_noise_multiplier: float = 0.0
+    dp_clip_norm: float = 1.0
+    dp_delta: float = 1e-5
     seed: int = 0
     # Classes per episode; 0 means every class the client has (and regression ignores it).
     ways: int = 0
@@ -114,6 +127,8 @@ class RunConfig:
             )
         if "clients_per_round" not in given:
             filled["clients_per_round"] = min(10, filled["clients"] - filled["held_out_clients"])
+        if "min_replies" not in given and filled.get("secure_aggregation"):
+            filled["min_replies"] = 2
         if "outer_lr" not in given:
             filled["outer_lr"] = OUTER_LR_DEFAULTS.get(filled["outer_optimizer"], 0.0)
         if isinstance(filled["eval_steps"], str):
@@ -156,6 +171,25 @@ class RunConfig:
         _require(self, "min_replies", 1 <= self.min_replies <= self.clients_per_round,
                  "must be in [1, clients_per_round]")
         _require(self, "max_update_norm", _finite_positive(self.max_update_norm), "must be a finite number > 0")
+        _require(self, "secagg_clipping_range", _finite_positive(self.secagg_clipping_range),
+                 "must be a finite number > 0")
+        if self.secure_aggregation:
+            _require(self, "clients_per_round", self.clients_per_round >= 3,
+                     "must be >= 3 with secure aggregation (SecAgg+ needs more than 2 clients a round)")
+            _require(self, "min_replies", self.min_replies >= 2,
+                     "must be >= 2 with secure aggregation (one survivor's 'aggregate' is its own update)")
+        shares = self.secagg_shares or self.secagg_auto_shares
+        _require(self, "secagg_shares", self.secagg_shares == 0 or 3 <= self.secagg_shares <= self.clients_per_round,
+                 f"must be 0 (automatic) or in [3, {self.clients_per_round}] (clients_per_round)")
+        _require(self, "secagg_shares",
+                 self.secagg_shares in (0, self.clients_per_round) or self.secagg_shares % 2 == 1,
+                 "must be odd unless it equals clients_per_round (SecAgg+ neighbourhoods are symmetric)")
+        _require(self, "secagg_threshold", self.secagg_threshold == 0 or 2 <= self.secagg_threshold < shares,
+                 f"must be 0 (a majority) or in [2, {shares}) (the number of shares)")
+        _require(self, "dp_noise_multiplier", 0 <= self.dp_noise_multiplier < float("inf"),
+                 "must be a finite number >= 0")
+        _require(self, "dp_clip_norm", _finite_positive(self.dp_clip_norm), "must be a finite number > 0")
+        _require(self, "dp_delta", 0 < self.dp_delta < 1, "must be in (0, 1)")
         _require(self, "ways", self.ways == 0 or self.ways >= 2, "must be 0 (all classes) or >= 2")
         _require(self, "eval_episodes", 1 <= self.eval_episodes <= 100, "must be in [1, 100]")
         _require(self, "fold", 0 <= self.fold < self.folds,
@@ -164,6 +198,25 @@ class RunConfig:
     @property
     def folds(self) -> int:
         return self.clients // self.held_out_clients if self.held_out_clients else 1
+
+    @property
+    def secagg_auto_shares(self) -> int:
+        # Each client's key shares go to its neighbours; more shares survive more dropouts but cost
+        # O(shares) messages and Shamir work per client. Flower wants an odd count below the sample size.
+        sampled = self.clients_per_round
+        return sampled if sampled <= 11 else 11
+
+    @property
+    def secagg_share_count(self) -> int:
+        return self.secagg_shares or self.secagg_auto_shares
+
+    @property
+    def secagg_threshold_count(self) -> int:
+        return self.secagg_threshold or max(2, self.secagg_share_count // 2 + 1)
+
+    @property
+    def differential_privacy(self) -> bool:
+        return self.dp_noise_multiplier > 0
 
     @property
     def training_clients(self) -> int:

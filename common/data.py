@@ -149,6 +149,16 @@ class Fleet(ABC):
     objective: Objective
     input_shape: tuple[int, ...]
     num_classes: int | None
+    # How its clients draw episodes: "per-class" (shots per class) or "uniform" (shots in all).
+    sampling: str = "per-class"
+
+    @classmethod
+    def episode_examples(cls, config: RunConfig) -> int:
+        """Examples in one training episode: every client's aggregation weight, and so SecAgg+'s max weight."""
+        per_class = config.shots + config.query_shots
+        if cls.sampling == "uniform" or cls.num_classes is None and not config.ways:
+            return per_class
+        return per_class * (config.ways or cls.num_classes)
 
     @classmethod
     @abstractmethod

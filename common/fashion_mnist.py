@@ -195,6 +195,7 @@ class FashionMnistFleet(Fleet):
     objective = CLASSIFICATION
     input_shape = (1, SIDE, SIDE)
     num_classes = NUM_CLASSES
+    sampling = "uniform"
 
     def __init__(self, num_clients: int = 100, seed: int = 0, folder: Path | None = None):
         self.images, self.labels = load_split("train", folder)

@@ -251,6 +251,7 @@ class ShakespeareFleet(Fleet):
     objective = CLASSIFICATION
     input_shape = (SEQ_LEN,)
     num_classes = VOCAB_SIZE
+    sampling = "uniform"
 
     def __init__(self, num_clients: int, seed: int = 0, plays: dict[str, dict[str, list[str]]] | None = None):
         roles = eligible_roles(plays if plays is not None else load_plays())

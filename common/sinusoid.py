@@ -23,6 +23,7 @@ class SinusoidFleet(Fleet):
     objective = REGRESSION
     input_shape = (1,)
     num_classes = None
+    sampling = "uniform"
 
     def __init__(self, num_clients: int, seed: int = 0, points_per_pool: int = 50):
         if num_clients < 1:

@@ -24,8 +24,10 @@ from metafleet.common.config import SERVER_OPTION_DEFAULTS, RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.fleets import make_model
 from metafleet.common.records import to_array_record
+from metafleet.server.grid import MeteredGrid
 from metafleet.server.report import metric_name, write_report
 from metafleet.server.rundir import RunDirectory
+from metafleet.server.secure import SecureAggregation
 from metafleet.server.strategy import MetaStrategy, make_strategy, short_reason
 
 log = logging.getLogger("metafleet.server")
@@ -86,6 +88,10 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         run_dir.truncate_metrics_after(int(state["round"]))
         log.info("resuming %s from round %d of %d", run_dir.path, start_round, config.rounds)
 
+    grid = MeteredGrid(grid)
+    secure = None
+    if config.secure_aggregation:
+        secure = SecureAggregation(strategy, grid.run.run_id, options["round-timeout"])
     discover_fleet(grid, strategy, expected=config.clients, wait_seconds=float(options["node-wait-seconds"]))
     started = time.monotonic()
     if start_round == 1:
@@ -94,14 +100,19 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         initial = evaluate_round(grid, strategy, 0, options["round-timeout"], force=True)
         if initial is not None:
             run_dir.append_metrics({"round": 0, "phase": "evaluate", **dict(initial)})
+    up, down = grid.take_bytes()  # discovery and round 0: in the run's totals, not in round 1's
+    strategy.bytes_up, strategy.bytes_down = strategy.bytes_up + up, strategy.bytes_down + down
     round_seconds: list[float] = []
     for server_round in range(start_round, config.rounds + 1):
         round_start = time.monotonic()
-        arrays = to_array_record(strategy.params)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=options["round-timeout"]
-        )
-        strategy.aggregate_train(server_round, replies)
+        if secure is not None:
+            secure.train_round(grid, server_round)
+        else:
+            arrays = to_array_record(strategy.params)
+            replies = grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=options["round-timeout"]
+            )
+            strategy.aggregate_train(server_round, replies)
         stats = strategy.last_round
         train_row = {
             "round": server_round, "phase": "train", "sampled": stats.sampled, "accepted": stats.accepted,
@@ -110,6 +121,9 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         evaluation = evaluate_round(grid, strategy, server_round, options["round-timeout"])
         round_seconds.append(time.monotonic() - round_start)
         train_row["seconds"] = round_seconds[-1]
+        up, down = grid.take_bytes()
+        strategy.bytes_up, strategy.bytes_down = strategy.bytes_up + up, strategy.bytes_down + down
+        train_row["bytes-up"], train_row["bytes-down"] = up, down
         run_dir.append_metrics(train_row)
         if evaluation is not None:
             run_dir.append_metrics({"round": server_round, "phase": "evaluate", **dict(evaluation)})
@@ -118,6 +132,7 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         _show_progress(config, server_round, train_row, evaluation, round_seconds)
 
     extra = {
+        "privacy": _privacy_summary(config, strategy),
         "bytes_up": strategy.bytes_up,
         "bytes_down": strategy.bytes_down,
         "wall_seconds": wall_before + time.monotonic() - started,
@@ -127,6 +142,16 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     summary = write_report(run_dir, config, extra)
     log.info("run finished: %s", run_dir.path)
     return summary
+
+
+def _privacy_summary(config: RunConfig, strategy: MetaStrategy) -> dict[str, Any] | None:
+    if strategy.privacy is None:
+        return None
+    return {
+        "epsilon": strategy.privacy.epsilon, "delta": config.dp_delta, "noise_multiplier": config.dp_noise_multiplier,
+        "clip_norm": config.dp_clip_norm, "noised_rounds": strategy.privacy.rounds,
+        "sample_rate": strategy.privacy.sample_rate, "accountant": "opacus RDP",
+    }
 
 
 def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_seconds: float) -> None:

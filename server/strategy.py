@@ -26,8 +26,9 @@ from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.meta import Params, check_update, global_norm
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
-from metafleet.common.records import from_array_record, record_nbytes, to_array_record
+from metafleet.common.records import from_array_record, to_array_record
 from metafleet.common.training import weighted_mean
+from metafleet.server.privacy import PrivacyLedger
 
 log = logging.getLogger("metafleet.server")
 
@@ -82,24 +83,29 @@ class MetaStrategy(FedAvg):
         self.last_round = RoundStats()
         self.bytes_up = 0
         self.bytes_down = 0
+        self.privacy = PrivacyLedger(config) if config.differential_privacy else None
 
     # -- train -------------------------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        sampled = self.sample_train_nodes()
+        train_config = ConfigRecord({**dict(config), "server-round": server_round})
+        return [
+            Message(RecordDict({"arrays": arrays, "config": train_config}), node, MessageType.TRAIN)
+            for node in sampled
+        ]
+
+    def sample_train_nodes(self) -> list[int]:
+        """This round's clients (the plain and the secure path sample alike); resets ``last_round``."""
         if not self.training_nodes:
             raise RuntimeError("no training nodes are known; discover the fleet before training")
         size = min(self.config.clients_per_round, len(self.training_nodes))
         # Sample positions, not ids: numpy would turn 64-bit node ids into floats and lose digits.
         positions = self.sampling_rng.choice(len(self.training_nodes), size=size, replace=False)
         sampled = [self.training_nodes[int(i)] for i in positions]
-        train_config = ConfigRecord({**dict(config), "server-round": server_round})
         self.last_round = RoundStats(sampled=size, sampled_nodes=sampled)
-        self.bytes_down += size * record_nbytes(arrays)
-        return [
-            Message(RecordDict({"arrays": arrays, "config": train_config}), node, MessageType.TRAIN)
-            for node in sampled
-        ]
+        return sampled
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -112,8 +118,6 @@ class MetaStrategy(FedAvg):
                 self._reject(server_round, node, "no reply before the round's timeout")
         for reply in replies:
             node = reply.metadata.src_node_id
-            if not reply.has_error() and "arrays" in reply.content:
-                self.bytes_up += record_nbytes(reply.content["arrays"])
             try:
                 update, weight, reply_metrics = self._validated(reply)
             except ValueError as error:
@@ -130,14 +134,20 @@ class MetaStrategy(FedAvg):
             )
             self.last_round.skipped = True
             return None, None
-        self.apply_aggregate(weighted_mean(updates, weights))
+        self.apply_aggregate(weighted_mean(updates, weights), len(updates))
         keys = set.intersection(*(set(m) for m in metrics))
         summary = {key: float(np.average([m[key] for m in metrics], weights=weights)) for key in sorted(keys)}
-        self.last_round.metrics = summary
+        self.last_round.metrics.update(summary)
         return to_array_record(self.params), MetricRecord({"num-examples": int(sum(weights)), **summary})
 
-    def apply_aggregate(self, mean_pseudo_grad: Params) -> None:
-        """The meta-update: the one place θ changes, whichever path (plain or secure) aggregated."""
+    def apply_aggregate(self, mean_pseudo_grad: Params, contributors: int) -> None:
+        """The meta-update: the one place θ changes, whichever path (plain or secure) aggregated.
+
+        With differential privacy, the mean of ``contributors`` clipped updates gets its noise here first.
+        """
+        if self.privacy is not None:
+            mean_pseudo_grad = self.privacy.noised_mean(mean_pseudo_grad, contributors)
+            self.last_round.metrics["epsilon"] = self.privacy.epsilon
         self.params = self.optimizer.step(self.params, mean_pseudo_grad)
 
     def _validated(self, reply: Message) -> tuple[Params, float, dict[str, float]]:
@@ -153,9 +163,14 @@ class MetaStrategy(FedAvg):
         weight = metrics.pop("num-examples", None)
         if not isinstance(weight, (int, float)) or not (0 < weight < 1e9) or not math.isfinite(weight):
             raise ValueError(f"'num-examples' must be a positive number, got {weight!r}")
+        if self.privacy is not None:
+            weight = 1  # one client's influence on the mean is then at most clip_norm / clients
         update = from_array_record(content["arrays"])
         check_update(update, self.reference)
         norm = global_norm(update)
+        if self.privacy is not None and norm > self.config.dp_clip_norm * (1 + 1e-4):
+            raise ValueError(f"update norm {norm:.3g} exceeds dp_clip_norm {self.config.dp_clip_norm:.3g}: "
+                             "the client did not clip, and its update would void the privacy guarantee")
         if norm > self.config.max_update_norm:
             raise ValueError(f"update norm {norm:.3g} exceeds max_update_norm {self.config.max_update_norm:.3g}")
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -175,7 +190,6 @@ class MetaStrategy(FedAvg):
         if not (force or self.is_evaluation_round(server_round)) or not self.held_out_nodes:
             return []
         eval_config = ConfigRecord({**dict(config), "server-round": server_round})
-        self.bytes_down += len(self.held_out_nodes) * record_nbytes(arrays)
         return [
             Message(RecordDict({"arrays": arrays, "config": eval_config}), node, MessageType.EVALUATE)
             for node in self.held_out_nodes
@@ -222,6 +236,7 @@ class MetaStrategy(FedAvg):
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "rejections": [vars(r) for r in self.rejections],
+            "privacy": self.privacy.state_dict() if self.privacy is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -231,6 +246,8 @@ class MetaStrategy(FedAvg):
         self.sampling_rng.bit_generator.state = state["sampling_rng"]
         self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
         self.rejections = [Rejection(**r) for r in state["rejections"]]
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
 
 
 class FedAvgStrategy(MetaStrategy):

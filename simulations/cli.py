@@ -40,7 +40,16 @@ def simulate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, help="personalization evaluation every E rounds")
     parser.add_argument("--eval-steps", help="comma-separated adaptation steps to report, from 0")
     parser.add_argument("--eval-episodes", type=int, help="evaluation episodes per support/query split of a device")
-    parser.add_argument("--secure-aggregation", action="store_true", default=None)
+    parser.add_argument("--secure-aggregation", action="store_true", default=None,
+                        help="aggregate updates with Flower's SecAgg+: the server sees only their mean")
+    parser.add_argument("--secagg-clipping-range", type=float,
+                        help="SecAgg+ value range: update values beyond ± this are clamped (default 8)")
+    parser.add_argument("--secagg-shares", type=int, help="key shares per client (default: all sampled, at most 11)")
+    parser.add_argument("--secagg-threshold", type=int, help="shares needed to unmask (default: a majority)")
+    parser.add_argument("--dp-noise-multiplier", type=float,
+                        help="client-level differential privacy: Gaussian noise σ (0: off)")
+    parser.add_argument("--dp-clip-norm", type=float, help="differential privacy: L2 bound C of every update")
+    parser.add_argument("--dp-delta", type=float, help="differential privacy: the δ epsilon is reported at")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", type=Path, help="run directory (default runs/DATASET-ALGORITHM-TIME)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
@@ -64,8 +73,6 @@ def simulate_command(argv: list[str]) -> int:
         out = args.out or Path("runs") / f"{config.dataset}-{config.algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
         if RunDirectory(out).latest_checkpoint() is not None:
             raise MetafleetError(f"{out} already holds a run; resume it with --resume {out} or pick another --out")
-    if config.secure_aggregation:
-        raise MetafleetError("--secure-aggregation is not available yet in this version")
     summary = simulate(config, Path(out), resume=bool(args.resume), cpus_per_client=args.cpus_per_client,
                        verbose=args.verbose)
     print_summary(summary)
@@ -109,6 +116,11 @@ def print_summary(summary: dict) -> None:
         if guarded_values is not None:
             line += f"   with the device's guard: {guarded_values[0]:.4f} ± {guarded_values[1]:.4f}"
         print(line)
+    privacy = summary.get("privacy")
+    if privacy:
+        print(f"differential privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} "
+              f"(noise multiplier {privacy['noise_multiplier']:g}, clip norm {privacy['clip_norm']:g}, "
+              f"{privacy['noised_rounds']} rounds, Opacus RDP accountant)")
     print(f"run directory: {summary['run_dir']}")
 
 

@@ -103,7 +103,7 @@ def test_state_round_trip_restores_parameters_optimizer_and_sampling():
     first = make_strategy(config, params)
     first.training_nodes = list(range(100, 118))
     first.sampling_rng.integers(100, size=7)  # as sampling a round would
-    first.apply_aggregate(_constant_update(params, 0.5))
+    first.apply_aggregate(_constant_update(params, 0.5), 2)
     second = make_strategy(config, params)
     second.training_nodes = list(first.training_nodes)
     second.load_state_dict(first.state_dict())

@@ -1,0 +1,68 @@
+"""A Grid that counts what crosses it: bytes of message content each way, and the errors nodes reply with.
+
+Both aggregation paths send through it, so bytes_up / bytes_down compare plain and secure rounds (SecAgg+'s
+key exchange included), and a secure round that halts can still say which node failed and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+from metafleet.server.strategy import short_reason
+
+
+def content_bytes(message: Message) -> int:
+    """Serialized size of a message's content: what Flower puts on the wire, less the envelope."""
+    return recorddict_to_proto(message.content).ByteSize() if message.has_content() else 0
+
+
+class MeteredGrid(Grid):
+    def __init__(self, grid: Grid):
+        self._grid = grid
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.errors: list[tuple[int, str]] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.bytes_down += sum(content_bytes(m) for m in messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.errors.append((reply.metadata.src_node_id, short_reason(reply.error.reason)))
+            else:
+                self.bytes_up += content_bytes(reply)
+        return replies
+
+    def take_bytes(self) -> tuple[int, int]:
+        """(up, down) since the last call."""
+        counts = (self.bytes_up, self.bytes_down)
+        self.bytes_up = self.bytes_down = 0
+        return counts
+
+    # The rest of Grid, delegated.
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - Flower's Run type
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
