@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -27,8 +28,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
+from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
-from metafleet.common.fleets import make_fleet, split_clients
+from metafleet.common.fleets import fleet_class, make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel, check_update, global_norm
 from metafleet.common.privacy import clip_to_norm, clip_values
 from metafleet.common.records import from_array_record, to_array_record
@@ -92,7 +94,7 @@ def _fleet(config: RunConfig) -> Fleet:
 
 @lru_cache(maxsize=4)
 def _functional_model(config: RunConfig) -> FunctionalModel:
-    fleet = _fleet(config)
+    fleet = fleet_class(config.dataset)  # the class alone: a deployed device has no built-in data set
     return FunctionalModel(fleet.make_model(config.ways), fleet.objective)
 
 
@@ -115,21 +117,40 @@ def _client_data(config: RunConfig, client_id: int) -> ClientData:
 
 
 class Device:
-    """What one device knows: the run's config, its own data, and whether it is held out."""
+    """What one device knows: the run's config, its own data, and whether it is held out.
+
+    A simulated device is a partition of a built-in data set (node config ``partition-id``); a deployed one
+    reads its own folder (node config ``data-dir``, ``client-id``, ``role`` = train or held-out), written
+    by ``metafleet client``.
+    """
 
     def __init__(self, context: Context):
         self.config = RunConfig.from_run_config(dict(context.run_config))
-        if "partition-id" not in context.node_config:
-            raise DataError("this node has no 'partition-id' in its node config (--node-config \"partition-id=N\")")
-        self.client_id = int(context.node_config["partition-id"])
-        self.fleet = _fleet(self.config)
-        self.fleet.check_client_id(self.client_id)
-        self.held_out = self.client_id in _held_out(self.config)
+        node = context.node_config
         self.fmodel = _functional_model(self.config)
+        if "data-dir" in node:
+            self.client_id = int(node.get("client-id", 0))
+            role = str(node.get("role", "train"))
+            if role not in ("train", "held-out"):
+                raise DataError(f"node config role must be 'train' or 'held-out', got {role!r}")
+            self.held_out = role == "held-out"
+            dataset, self._data = load_device_data(Path(str(node["data-dir"])), self.client_id)
+            if dataset != self.config.dataset:
+                raise DataError(
+                    f"this device's data is for the '{dataset}' model; the run trains '{self.config.dataset}'")
+            return
+        if "partition-id" not in node:
+            raise DataError("this node has neither 'data-dir' (a device) nor 'partition-id' (a simulated device) "
+                            "in its node config")
+        self.client_id = int(node["partition-id"])
+        fleet = _fleet(self.config)
+        fleet.check_client_id(self.client_id)
+        self.held_out = self.client_id in _held_out(self.config)
+        self._data = None
 
     @property
     def data(self) -> ClientData:
-        return _client_data(self.config, self.client_id)
+        return self._data if self._data is not None else _client_data(self.config, self.client_id)
 
     def received_params(self, msg: Message) -> dict[str, torch.Tensor]:
         if LEGACY_PARAMS in msg.content.array_records:

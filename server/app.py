@@ -42,7 +42,13 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    summary = run_meta_training(grid, dict(context.run_config))
+    try:
+        summary = run_meta_training(grid, dict(context.run_config))
+    except Exception as error:
+        # Flower reports only "An unhandled exception occurred in the ServerApp"; say what it was.
+        _ensure_console_logging()
+        log.error("the run failed: %s: %s", type(error).__name__, error)
+        raise
     context.state["summary"] = ConfigRecord({"run-dir": summary["run_dir"]})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -97,3 +98,30 @@ def _plot(run_dir: RunDirectory, config: RunConfig, rows: list[dict[str, Any]], 
     figure.tight_layout()
     figure.savefig(run_dir.path / "personalization.png", dpi=120)
     plt.close(figure)
+
+
+def print_summary(summary: dict) -> None:
+    personalization = summary["personalization"]
+    print(f"\n{summary['algorithm']} on {summary['dataset']}: {summary['rounds_completed']} rounds "
+          f"({summary['rounds_skipped']} skipped), {summary['wall_seconds']:.1f} s, "
+          f"{summary['rejected_replies']} replies rejected")
+    if personalization["mean"] is None:
+        print("no personalization evaluation was run")
+        return
+    print(f"personalization on {personalization['held_out_clients']} held-out clients "
+          f"({personalization['metric']}, mean ± 95% CI):")
+    guarded = zip(personalization.get("guarded_mean") or [], personalization.get("guarded_ci95") or [], strict=True)
+    rows = zip(personalization["steps"], personalization["mean"], personalization["ci95"], strict=True)
+    for (step, mean, ci), guarded_values in itertools.zip_longest(rows, guarded):
+        line = f"  after {step:>3} steps: {mean:.4f} ± {ci:.4f}"
+        if guarded_values is not None:
+            line += f"   with the device's guard: {guarded_values[0]:.4f} ± {guarded_values[1]:.4f}"
+        print(line)
+    privacy = summary.get("privacy")
+    if privacy:
+        print(f"differential privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} "
+              f"(noise multiplier {privacy['noise_multiplier']:g}, clip norm {privacy['clip_norm']:g}, "
+              f"{privacy['noised_rounds']} rounds, Opacus RDP accountant)")
+    print(f"run directory: {summary['run_dir']}")
+
+

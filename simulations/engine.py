@@ -9,7 +9,6 @@ Flower upgrade breaks one module (tests/test_simulation.py runs it for real).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -37,15 +36,7 @@ from flwr.supercore.run import Run  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from flwr.supercore.telemetry import EventType  # noqa: E402
 
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    raise TypeError(f"run config values must be bool, int, float or str, got {value!r}")
+from metafleet.server.appdir import write_app_dir  # noqa: E402
 
 
 def run_in_simulation(
@@ -60,13 +51,7 @@ def run_in_simulation(
     """Run to completion; returns the ServerApp's context. Ray is shut down before this returns."""
     with tempfile.TemporaryDirectory(prefix="metafleet-sim-") as app_dir:
         # ClientApps read their run config from an app directory's pyproject; this one declares every key.
-        lines = [
-            "[project]", 'name = "metafleet-simulation"', 'version = "0.0.0"',
-            "[tool.flwr.app]", 'publisher = "metafleet"',
-            "[tool.flwr.app.components]", 'serverapp = "metafleet.server.app:app"',
-            'clientapp = "metafleet.client.app:app"', "[tool.flwr.app.config]",
-        ] + [f'"{key}" = {_toml_value(value)}' for key, value in run_config.items()]
-        Path(app_dir, "pyproject.toml").write_text("\n".join(lines) + "\n")
+        write_app_dir(Path(app_dir), run_config, name="metafleet-simulation")
 
         run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
         run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)

@@ -1,0 +1,45 @@
+"""The learning options shared by ``metafleet simulate`` and ``metafleet server``: one flag per RunConfig field."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from metafleet.common.config import DATASETS, RunConfig
+from metafleet.common.meta import ALGORITHMS
+
+
+def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="sinusoid")
+    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="reptile")
+    parser.add_argument("--clients", type=int, help="fleet size, held-out clients included")
+    parser.add_argument("--held-out-clients", type=int, help="clients never trained on (default: a tenth, min 1)")
+    parser.add_argument("--clients-per-round", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--inner-steps", type=int, help="local adaptation steps k")
+    parser.add_argument("--inner-lr", type=float)
+    parser.add_argument("--outer-optimizer", choices=["sgd", "adam"])
+    parser.add_argument("--outer-lr", type=float, help="meta learning rate")
+    parser.add_argument("--shots", type=int, help="support examples per class (points, for regression)")
+    parser.add_argument("--query-shots", type=int)
+    parser.add_argument("--ways", type=int, help="classes per episode (0: all of the client's classes)")
+    parser.add_argument("--fold", type=int, help="which block of clients is held out (folds cover every client)")
+    parser.add_argument("--eval-every", type=int, help="personalization evaluation every E rounds")
+    parser.add_argument("--eval-steps", help="comma-separated adaptation steps to report, from 0")
+    parser.add_argument("--eval-episodes", type=int, help="evaluation episodes per support/query split of a device")
+    parser.add_argument("--secure-aggregation", action="store_true", default=None,
+                        help="aggregate updates with Flower's SecAgg+: the server sees only their mean")
+    parser.add_argument("--secagg-clipping-range", type=float,
+                        help="SecAgg+ value range: update values beyond ± this are clamped (default 8)")
+    parser.add_argument("--secagg-shares", type=int, help="key shares per client (default: all sampled, at most 11)")
+    parser.add_argument("--secagg-threshold", type=int, help="shares needed to unmask (default: a majority)")
+    parser.add_argument("--dp-noise-multiplier", type=float,
+                        help="client-level differential privacy: Gaussian noise σ (0: off)")
+    parser.add_argument("--dp-clip-norm", type=float, help="differential privacy: L2 bound C of every update")
+    parser.add_argument("--dp-delta", type=float, help="differential privacy: the δ epsilon is reported at")
+    parser.add_argument("--seed", type=int)
+
+
+def config_from_arguments(args: argparse.Namespace) -> RunConfig:
+    """Every RunConfig field with a flag of the same name; flags left out fall back to the defaults."""
+    return RunConfig.resolve(**{f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)})
