@@ -87,19 +87,22 @@ def client_command(argv: list[str]) -> int:
                 raise MetafleetError(f"{option} {path} does not exist")
     print(f"metafleet client: {dataset} data checked ({examples} examples); connecting to {args.superlink} as "
           f"client {args.client_id} ({args.role})", file=sys.stderr)
-    process = subprocess.Popen(supernode_command(args), env={**os.environ, **QUIET_ENVIRONMENT},
+    # flower-supernode starts flower-superexec by name: this environment's scripts must be on PATH.
+    env = {**os.environ, **QUIET_ENVIRONMENT, "PATH": _venv_path()}
+    process = subprocess.Popen(supernode_command(args), env=env,
                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def stop(signum: int, _frame: object) -> None:
         os.killpg(process.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
-    flower_exit = None
+    flower_exit, tls_failed = None, False
     try:
         assert process.stdout is not None
         for line in process.stdout:
             sys.stderr.write(line)
             # flower-supernode prints Flower's exit code but exits with 1.
+            tls_failed = tls_failed or "SSL/TLS handshake error" in line
             match = re.search(r"Exit Code: (\d+)", line)
             if match:
                 flower_exit = int(match.group(1))
@@ -111,6 +114,9 @@ def client_command(argv: list[str]) -> int:
     except KeyboardInterrupt:
         os.killpg(process.pid, signal.SIGTERM)
         code = process.wait(timeout=30)
+    if tls_failed:
+        raise MetafleetError(f"the TLS handshake with {args.superlink} failed: {args.root_cert} is not the CA that "
+                             "signed the server's certificate, or that certificate does not name this address")
     if flower_exit in SUPERNODE_EXITS:
         raise MetafleetError(SUPERNODE_EXITS[flower_exit])
     return code

@@ -7,8 +7,8 @@ The file holds five arrays:
 - ``query_x``, ``query_y``: what it measures on. Support and query must come from different recordings
   (overlapping sensor windows would leak), so the device's owner makes the split.
 
-``x`` arrays are float32 of the model's input shape (watch: N × 6 × 40, six accelerometer and gyroscope
-channels of 40 samples); ``y`` arrays are integer labels (classification) or float32 targets (regression).
+``x`` arrays are float32 of the model's input shape (watch: N × 6 × 100, six accelerometer and gyroscope
+channels of 100 samples); ``y`` arrays are integer labels (classification) or float32 targets (regression).
 ``metafleet export-device-data`` writes such a folder from a built-in data set's client, to try a
 deployment with real data.
 """
