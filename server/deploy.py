@@ -49,6 +49,9 @@ def server_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=9092, help="the one port devices and tools connect to")
     parser.add_argument("--out", type=Path, help="run directory (default runs/DATASET-ALGORITHM-TIME)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    parser.add_argument("--continue", dest="continue_run", action="store_true",
+                        help="resume the run in --out if it has a checkpoint, else start it (for a service manager "
+                        "that restarts the server after a failure)")
     parser.add_argument("--node-wait-seconds", type=float, default=300.0,
                         help="how long to wait for the expected devices before training with those present")
     parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for replies")
@@ -58,6 +61,11 @@ def server_parser() -> argparse.ArgumentParser:
 
 def server_command(argv: list[str]) -> int:
     args = server_parser().parse_args(argv)
+    if args.continue_run:
+        if not args.out:
+            raise MetafleetError("--continue needs --out DIR")
+        if RunDirectory(args.out).latest_checkpoint() is not None:
+            args.resume = args.out
     if args.resume:
         run_dir = RunDirectory(args.resume)
         config = run_dir.load_config()
