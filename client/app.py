@@ -13,6 +13,7 @@ Handlers:
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -184,6 +185,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
     device = Device(context)
     if device.held_out:
         raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
@@ -197,6 +199,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[LEGACY_CONFIG if secure else "config"]["server-round"])
     rng = np.random.default_rng([device.config.seed, server_round, device.client_id])
     update = client_train(device.fmodel, params, device.data, device.config, rng)
+    # A warning: flwr-clientapp configures no logging for metafleet, so an info line would never show.
+    log.warning("client %d: train took %.2f s", device.client_id, time.perf_counter() - start)
     # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum
     # (the server cannot see which client sent it), so the device refuses and drops out of the round.
     check_update(update.pseudo_grad, params)
@@ -211,10 +215,10 @@ def train(msg: Message, context: Context) -> Message:
     if norm > device.config.max_update_norm:
         # The plain server drops such a reply; the secure one cannot see it, so the device checks.
         raise ValueError(f"update norm {norm:.3g} exceeds max_update_norm {device.config.max_update_norm:.3g}")
-    pseudo_grad, clamped = clip_values(pseudo_grad, device.config.secagg_clipping_range)
+    pseudo_grad, clamped = clip_values(pseudo_grad, device.config.secagg_range)
     if clamped:
         log.warning("client %d clamped %d update values to ±%g for SecAgg+", device.client_id, clamped,
-                    device.config.secagg_clipping_range)
+                    device.config.secagg_range)
     # Only the masked update and the example count leave: per-client losses would say more than the mean.
     fitres = FitRes(
         Status(Code.OK, ""), ndarrays_to_parameters([t.detach().numpy() for t in pseudo_grad.values()]),

@@ -30,7 +30,8 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secure-aggregation", action="store_true", default=None,
                         help="aggregate updates with Flower's SecAgg+: the server sees only their mean")
     parser.add_argument("--secagg-clipping-range", type=float,
-                        help="SecAgg+ value range: update values beyond ± this are clamped (default 8)")
+                        help="SecAgg+ value range: update values beyond ± this are clamped "
+                        "(default: 8 for fedavg/reptile deltas, 64 for fomaml/maml gradients)")
     parser.add_argument("--secagg-shares", type=int, help="key shares per client (default: all sampled, at most 11)")
     parser.add_argument("--secagg-threshold", type=int, help="shares needed to unmask (default: a majority)")
     parser.add_argument("--dp-noise-multiplier", type=float,

@@ -80,7 +80,7 @@ class SecureAggregation:
         threshold = min(self.config.secagg_threshold_count, shares - 1)
         workflow = SecAggPlusWorkflow(
             num_shares=shares, reconstruction_threshold=threshold, max_weight=self.max_weight,
-            clipping_range=self.config.secagg_clipping_range, timeout=self.timeout,
+            clipping_range=self.config.secagg_range, timeout=self.timeout,
         )
         self.legacy.state.config_records[_ROUND_RECORD] = ConfigRecord({_ROUND_KEY: server_round})
         self.legacy.state.array_records[_PARAMS_RECORD] = to_array_record(self.strategy.params)
@@ -162,7 +162,7 @@ class _LegacyAdapter(Strategy):
         if clamped:
             log.warning("round %d: clients clamped %d update values to ±%g for SecAgg+; raise "
                         "secagg-clipping-range if this persists", server_round, clamped,
-                        self.strategy.config.secagg_clipping_range)
+                        self.strategy.config.secagg_range)
         stats.metrics["secagg-clamped"] = float(clamped)
         self.strategy.apply_aggregate(mean, len(results))
         self.applied = True

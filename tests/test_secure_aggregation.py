@@ -17,6 +17,7 @@ from metafleet.common.config import RunConfig
 from metafleet.common.errors import ConfigError
 from metafleet.common.fleets import make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel
+from metafleet.common.privacy import clip_values
 from metafleet.common.training import client_train, weighted_mean
 from metafleet.server.app import initial_params
 from metafleet.server.grid import MeteredGrid
@@ -30,7 +31,7 @@ CONFIG = RunConfig.resolve(
     outer_optimizer="sgd", outer_lr=1.0, secure_aggregation=True,
 )
 # SecAgg+ quantizes every value in steps of 2·range/2^22; stochastic rounding errs by less than one step.
-STEP = 2 * CONFIG.secagg_clipping_range / 2**22
+STEP = 2 * CONFIG.secagg_range / 2**22
 
 
 class Fleet:
@@ -113,6 +114,24 @@ def test_only_the_aggregate_reaches_the_strategy_and_it_is_the_plaintext_mean():
                     continue
                 correlation = abs(np.corrcoef(vector.astype(np.float64).ravel(), plain)[0, 1])
                 assert correlation < 0.9, f"a masked vector correlates with node {node}'s '{name}'"
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fomaml", "maml"])
+def test_every_algorithm_s_update_travels_masked_and_aggregates_to_its_plaintext_mean(algorithm):
+    config = CONFIG.replace(algorithm=algorithm)
+    fleet = Fleet(config)
+    theta = fleet.run_round()
+    updates = fleet.plaintext_updates(1, theta)
+    (mean, contributors), = fleet.received
+    # What a device sends is its update with values clamped to ±clipping range (and counted, so the run
+    # can warn); with each algorithm's default range nothing is clamped.
+    sent = [clip_values(update, config.secagg_range) for update in updates.values()]
+    assert sum(count for _, count in sent) == 0
+    expected = weighted_mean([update for update, _ in sent], [1.0] * len(sent))
+    assert contributors == 5
+    assert (_flat(mean) - _flat(expected)).abs().max().item() < 2 * config.secagg_range / 2**22
+    assert fleet.strategy.last_round.metrics["secagg-clamped"] == sum(count for _, count in sent)
+    assert all(not any(len(r) for r in reply.content.array_records.values()) for reply in fleet.grid.replies)
 
 
 def test_a_device_vanishing_after_the_key_exchange_leaves_the_mean_of_the_other_four(caplog):
