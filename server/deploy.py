@@ -30,7 +30,7 @@ from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.server.appdir import write_app_dir
 from metafleet.server.report import print_summary
-from metafleet.server.rundir import RunDirectory
+from metafleet.server.rundir import RunDirectory, start_or_resume
 
 CONNECTION = "metafleet"
 QUIET_ENVIRONMENT = {
@@ -66,17 +66,7 @@ def server_command(argv: list[str]) -> int:
             raise MetafleetError("--continue needs --out DIR")
         if RunDirectory(args.out).latest_checkpoint() is not None:
             args.resume = args.out
-    if args.resume:
-        run_dir = RunDirectory(args.resume)
-        config = run_dir.load_config()
-        if run_dir.latest_checkpoint() is None:
-            raise MetafleetError(f"{args.resume} has no checkpoint yet; start it again without --resume")
-        out = args.resume
-    else:
-        config = config_from_arguments(args)
-        out = args.out or Path("runs") / f"{config.dataset}-{config.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if RunDirectory(out).latest_checkpoint() is not None:
-            raise MetafleetError(f"{out} already holds a run; resume it with --resume {out} or pick another --out")
+    config, out = start_or_resume(args.resume, args.out, lambda: config_from_arguments(args))
     files = _check_certificates(args.certs) if not args.insecure else None
     if args.insecure:
         print("metafleet server: WARNING: --insecure: no TLS and no device authentication; any machine that can "

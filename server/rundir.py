@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,21 @@ class RunDirectory:
             except Exception as error:  # a damaged file must not hide the older good one
                 log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, error)
         raise MetafleetError(f"{self.path} holds no readable checkpoint to resume from")
+
+
+def start_or_resume(
+    resume: Path | None, out: Path | None, new_config: Callable[[], RunConfig]
+) -> tuple[RunConfig, Path]:
+    """(config, run directory) for a command that starts a run or resumes one: a resumed run keeps its own
+    config; a new one refuses a directory that already holds a run."""
+    if resume:
+        run_dir = RunDirectory(resume)
+        config = run_dir.load_config()
+        if run_dir.latest_checkpoint() is None:
+            raise MetafleetError(f"{resume} has no checkpoint yet; start it again without --resume")
+        return config, Path(resume)
+    config = new_config()
+    out = Path(out) if out else Path("runs") / f"{config.dataset}-{config.algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
+    if RunDirectory(out).latest_checkpoint() is not None:
+        raise MetafleetError(f"{out} already holds a run; resume it with --resume {out} or pick another --out")
+    return config, out

@@ -6,14 +6,13 @@ import argparse
 import json
 import logging
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from metafleet.common.cli_options import add_learning_arguments, config_from_arguments
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.server.report import print_summary
-from metafleet.server.rundir import RunDirectory
+from metafleet.server.rundir import start_or_resume
 
 
 def simulate_parser() -> argparse.ArgumentParser:
@@ -32,17 +31,7 @@ def simulate_parser() -> argparse.ArgumentParser:
 
 def simulate_command(argv: list[str]) -> int:
     args = simulate_parser().parse_args(argv)
-    if args.resume:
-        run_dir = RunDirectory(args.resume)
-        config = run_dir.load_config()
-        if run_dir.latest_checkpoint() is None:
-            raise MetafleetError(f"{args.resume} has no checkpoint yet; start it again without --resume")
-        out = args.resume
-    else:
-        config = config_from_arguments(args)
-        out = args.out or Path("runs") / f"{config.dataset}-{config.algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
-        if RunDirectory(out).latest_checkpoint() is not None:
-            raise MetafleetError(f"{out} already holds a run; resume it with --resume {out} or pick another --out")
+    config, out = start_or_resume(args.resume, args.out, lambda: config_from_arguments(args))
     summary = simulate(config, Path(out), resume=bool(args.resume), cpus_per_client=args.cpus_per_client,
                        verbose=args.verbose)
     print_summary(summary)
