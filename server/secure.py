@@ -87,7 +87,10 @@ class SecureAggregation:
         self.adapter.begin(grid, server_round)
         errors_before = len(grid.errors)
         with _quiet_flower():
-            workflow(grid, self.legacy)
+            try:
+                workflow(grid, self.legacy)
+            except Exception as error:  # noqa: BLE001 - a malformed reply must cost one round, not the run
+                self.adapter.outcome = f"failed ({type(error).__name__}: {error})"
         node_errors = dict(grid.errors[errors_before:])
         stats = self.strategy.last_round
         for node in stats.sampled_nodes:

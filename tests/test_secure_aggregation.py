@@ -8,7 +8,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
@@ -23,7 +24,7 @@ from metafleet.server.app import initial_params
 from metafleet.server.grid import MeteredGrid
 from metafleet.server.secure import SecureAggregation
 from metafleet.server.strategy import make_strategy
-from metafleet.simulations.inprocess import RUN_ID, InProcessGrid, device_contexts
+from metafleet.simulations.inprocess import RUN_ID, InProcessGrid, device_contexts, stage_of
 
 # Outer SGD with step 1: θ moves by exactly the aggregate, so the aggregate can be read back from θ.
 CONFIG = RunConfig.resolve(
@@ -37,12 +38,13 @@ STEP = 2 * CONFIG.secagg_range / 2**22
 class Fleet:
     """A secure server-side strategy and five devices, with every update the devices compute in plaintext."""
 
-    def __init__(self, config: RunConfig = CONFIG, vanish_at: dict[int, str] | None = None, node_config=None):
+    def __init__(self, config: RunConfig = CONFIG, vanish_at: dict[int, str] | None = None, node_config=None,
+                 client_app=None):
         self.config = config
         training, _ = split_clients(config)
         self.client_ids = training[: config.clients_per_round]
         contexts = device_contexts(config.to_run_config(), self.client_ids, node_config)
-        self.grid = InProcessGrid(client_module.app, contexts, vanish_at=vanish_at or {})
+        self.grid = InProcessGrid(client_app or client_module.app, contexts, vanish_at=vanish_at or {})
         self.metered = MeteredGrid(self.grid)
         self.strategy = make_strategy(config, initial_params(config))
         self.strategy.training_nodes = sorted(contexts)
@@ -162,6 +164,30 @@ def test_past_the_threshold_the_round_fails_cleanly_and_the_next_one_runs(caplog
 
     fleet.grid.vanish_at.clear()
     fleet.grid._vanished.clear()
+    fleet.run_round(2)
+    assert not fleet.strategy.last_round.skipped and fleet.received[-1][1] == 5
+
+
+def test_a_malformed_protocol_reply_costs_one_round_not_the_run(caplog):
+    def garbling_mod(msg, context, call_next):
+        stage = stage_of(msg)  # read first: secaggplus_mod consumes the stage key
+        reply = call_next(msg, context)
+        if context.node_id == 1001 and stage == Stage.SHARE_KEYS:
+            return Message(RecordDict({"secaggplus_configs": ConfigRecord({"nonsense": 1})}), reply_to=msg)
+        return reply
+
+    app = ClientApp(mods=[garbling_mod, client_module.secure_aggregation_mod])
+    app.query()(client_module.query)
+    app.train()(client_module.train)
+    app.evaluate()(client_module.evaluate)
+    fleet = Fleet(client_app=app)
+    theta = {k: v.clone() for k, v in fleet.strategy.params.items()}
+    with caplog.at_level(logging.WARNING, logger="metafleet"):
+        fleet.run_round(1)
+    assert fleet.strategy.last_round.skipped and _flat(theta).equal(_flat(fleet.strategy.params))
+    assert "secure aggregation failed (KeyError" in caplog.text
+
+    fleet.grid.client_app = client_module.app
     fleet.run_round(2)
     assert not fleet.strategy.last_round.skipped and fleet.received[-1][1] == 5
 
