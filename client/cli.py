@@ -8,6 +8,12 @@ connecting, so a missing or corrupt file fails here, with its name, not later in
 keeps retrying while the server is away (a restart, a network outage). Telemetry and runtime dependency
 installation are off.
 
+Footprint (measured by ``metafleet.simulations.bench_client``): this process never imports torch (the data
+check runs in a short-lived child), and by default the ClientApp is imported once, by a long-lived "app
+server" that does flower-superexec's job and forks a worker per message (``--app-process warm``), instead of
+Flower's default of a fresh ``flwr-clientapp`` process, importing torch again, per message
+(``--app-process fresh``).
+
 ``metafleet export-device-data --dataset watch --client 3 --out DIR`` writes a built-in data set's client in
 the device format, to try a deployment on real data.
 """
@@ -15,6 +21,7 @@ the device format, to try a deployment on real data.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -23,7 +30,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from metafleet.common.device_data import load_device_data, save_device_data
 from metafleet.common.errors import MetafleetError
 
 QUIET_ENVIRONMENT = {
@@ -53,6 +59,9 @@ def client_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-port", type=int, default=9094,
                         help="port of the SuperNode's local API for its app processes (one per device on a host)")
     parser.add_argument("--insecure", action="store_true", help="no TLS and no key: local trials only")
+    parser.add_argument("--app-process", choices=["warm", "fresh"], default="warm",
+                        help="warm: the ClientApp is imported once and each message runs in a fork of that process "
+                             "(default); fresh: Flower's own way, a new flwr-clientapp process per message")
     return parser
 
 
@@ -65,17 +74,23 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         node_config += f" secure-aggregation={args.secure_aggregation}"
     command = [executable, "--superlink", args.superlink, "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(args.local_port)]
+    if args.app_process == "warm":
+        command += ["--isolation", "process"]  # the app server, not a flower-superexec child, runs the app
     if args.insecure:
         return [*command, "--insecure"]
     return [*command, "--root-certificates", str(args.root_cert), "--auth-supernode-private-key", str(args.key)]
+
+
+def app_server_command(args: argparse.Namespace, supernode_pid: int) -> list[str]:
+    return [sys.executable, "-m", "metafleet.client.cli", "--app-server", f"127.0.0.1:{args.local_port}",
+            str(supernode_pid)]
 
 
 def client_command(argv: list[str]) -> int:
     args = client_parser().parse_args(argv)
     if "'" in str(args.data.resolve()):
         raise MetafleetError("the data folder's path must not contain a quote (')")
-    dataset, data = load_device_data(args.data, args.client_id)
-    examples = sum(len(split.support[0]) + len(split.query[0]) for split in data.splits)
+    dataset, examples = check_data_in_child(args.data, args.client_id)
     if args.insecure:
         print("metafleet client: WARNING: --insecure: no TLS and no device key; anyone on the network can read "
               "and impersonate. For local trials only.", file=sys.stderr)
@@ -89,30 +104,40 @@ def client_command(argv: list[str]) -> int:
           f"client {args.client_id} ({args.role})", file=sys.stderr)
     # flower-supernode starts flower-superexec by name: this environment's scripts must be on PATH.
     env = {**os.environ, **QUIET_ENVIRONMENT, "PATH": _venv_path()}
-    process = subprocess.Popen(supernode_command(args), env=env,
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Both write into one pipe, read here; the app server joins the SuperNode's process group, so that one
+    # signal to the group (a stop, or a service manager's kill) ends the device's every process.
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(supernode_command(args), env=env, preexec_fn=os.setpgrp, stdout=write_end,
+                               stderr=subprocess.STDOUT)
+    if args.app_process == "warm":
+        subprocess.Popen(app_server_command(args, process.pid), env=env, stdout=write_end, stderr=subprocess.STDOUT,
+                         preexec_fn=lambda: os.setpgid(0, process.pid))
+    os.close(write_end)
 
-    def stop(signum: int, _frame: object) -> None:
-        os.killpg(process.pid, signal.SIGTERM)
+    def stop_group() -> None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_group())
     flower_exit, tls_failed = None, False
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            sys.stderr.write(line)
-            # flower-supernode prints Flower's exit code but exits with 1.
-            tls_failed = tls_failed or "SSL/TLS handshake error" in line
-            match = re.search(r"Exit Code: (\d+)", line)
-            if match:
-                flower_exit = int(match.group(1))
-                if flower_exit in SUPERNODE_EXITS:
-                    # Its SuperExec child would go on retrying a connection that can never succeed.
-                    os.killpg(process.pid, signal.SIGTERM)
-                    break
+        with open(read_end, errors="replace") as output:
+            for line in output:
+                sys.stderr.write(line)
+                # flower-supernode prints Flower's exit code but exits with 1.
+                tls_failed = tls_failed or "SSL/TLS handshake error" in line
+                match = re.search(r"Exit Code: (\d+)", line)
+                if match:
+                    flower_exit = int(match.group(1))
+                    if flower_exit in SUPERNODE_EXITS:
+                        # Its SuperExec would go on retrying a connection that can never succeed.
+                        stop_group()
+                        break
         code = process.wait(timeout=60)
     except KeyboardInterrupt:
-        os.killpg(process.pid, signal.SIGTERM)
+        stop_group()
         code = process.wait(timeout=30)
     if tls_failed:
         raise MetafleetError(f"the TLS handshake with {args.superlink} failed: {args.root_cert} is not the CA that "
@@ -133,6 +158,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_device_data_command(argv: list[str]) -> int:
     from metafleet.common.config import RunConfig
+    from metafleet.common.device_data import save_device_data
     from metafleet.common.fleets import fleet_class
 
     args = export_parser().parse_args(argv)
@@ -148,3 +174,115 @@ def _venv_path() -> str:
     # The console scripts of this interpreter's environment first, then PATH: a device may run
     # .venv/bin/metafleet without activating the environment.
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def check_data_in_child(folder: Path, client_id: int) -> tuple[str, int]:
+    """(data set, examples) of the device's data.npz, checked in a child process: this one stays for as long
+    as the device is in the fleet, and the check imports torch, which would stay resident (about 220 MB)."""
+    result = subprocess.run([sys.executable, "-m", "metafleet.client.cli", "--check-data", str(folder),
+                             str(client_id)], capture_output=True, text=True, timeout=600)
+    lines = result.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise MetafleetError(f"checking {folder} failed:\n{result.stderr.strip()[-2000:]}") from None
+    if "error" in answer:
+        raise MetafleetError(answer["error"])
+    return answer["dataset"], answer["examples"]
+
+
+def _check_data(folder: str, client_id: str) -> int:
+    from metafleet.common.device_data import load_device_data
+
+    try:
+        dataset, data = load_device_data(Path(folder), int(client_id))
+    except MetafleetError as error:
+        print(json.dumps({"error": str(error)}))
+        return 2
+    examples = sum(len(split.support[0]) + len(split.query[0]) for split in data.splits)
+    print(json.dumps({"dataset": dataset, "examples": examples}))
+    return 0
+
+
+def app_server(runtime_api_address: str, supernode_pid: int) -> None:
+    """flower-superexec's loop, in a process that has imported the ClientApp (torch included) once: each task
+    runs Flower's own ``run_clientapp`` in a fork of it, not in a new ``flwr-clientapp`` process that starts
+    Python and imports everything again. Copy-on-write shares the imported pages between the two.
+
+    Flower 1.42 has no setting for this (its warm executors are for Kubernetes and other task types), so the
+    subprocess executor's ``launch`` is replaced; the pin flwr==1.42.* keeps that internal API in place."""
+    import functools
+    import gc
+    import threading
+    import time
+    import warnings
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.exit.exit_handler import registered_exit_handlers
+    from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
+    from flwr.supercore.superexec.run_superexec import run_superexec
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    import metafleet.client.app  # noqa: F401  torch, Flower's ClientApp and the handlers, imported once here
+
+    fresh_launch = SubprocessExecutor.launch
+
+    def launch(self, spec):  # noqa: ANN001, ANN202 - Flower's ExecutionSpec and LaunchResult
+        if spec.task_type != TaskType.CLIENT_APP:
+            return fresh_launch(self, spec)
+        if os.fork():
+            return LaunchResult.accepted()
+        code = 1
+        try:
+            registered_exit_handlers.clear()  # the app server's, not this worker's to run
+            runtime.run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token,
+                                  insecure=spec.insecure, parent_pid=spec.parent_pid, runtime_dependency_install=False)
+        except SystemExit as exit_:  # run_clientapp always ends in sys.exit
+            code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # never return into the app server's loop
+
+    def reap(self) -> None:  # noqa: ANN001
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+
+    def watch_supernode() -> None:
+        # Flower's parent monitor takes a zombie for alive, and the SuperNode stays one until `metafleet client`
+        # reaps it, which it does only once this process has closed the output pipe.
+        while True:
+            time.sleep(0.5)
+            try:
+                with open(f"/proc/{supernode_pid}/stat") as handle:
+                    if handle.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        continue
+            except OSError:
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+    SubprocessExecutor.launch = launch
+    SubprocessExecutor.reconcile = reap
+    # A worker starts before its SuperNode has pulled the message from the SuperLink, and Flower's first retry
+    # of a missing object waits 1 s (a fresh flwr-clientapp, seconds in its imports, never finds one missing).
+    runtime.pull_and_inflate_object_from_tree = functools.partial(
+        runtime.pull_and_inflate_object_from_tree, initial_backoff=0.05, backoff_cap=1.0)
+    # Each message waits up to one poll of the SuperNode before it starts (Flower's default 1 s); polling the
+    # local SuperNode five times a second costs about 1 % of a core.
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+    gc.freeze()  # the workers' garbage collections then leave the shared pages alone
+    # Python 3.12+ warns on every fork beside a thread; the watcher below holds no lock a worker could need.
+    warnings.filterwarnings("ignore", message=r".*multi-threaded.*fork", category=DeprecationWarning)
+    threading.Thread(target=watch_supernode, daemon=True).start()
+    run_superexec(runtime_api_address=runtime_api_address, insecure=True)
+
+
+if __name__ == "__main__":  # the device's helper processes, started by client_command
+    if sys.argv[1:2] == ["--check-data"]:
+        sys.exit(_check_data(sys.argv[2], sys.argv[3]))
+    if sys.argv[1:2] == ["--app-server"]:
+        app_server(sys.argv[2], int(sys.argv[3]))

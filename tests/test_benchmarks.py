@@ -72,3 +72,48 @@ def test_fleet_benchmark_reports_discovery_rounds_and_the_whole_trees_memory(res
     # Ray's GCS, raylet and workers are in the tree: more processes, and far more memory than one Python.
     assert row["max_processes"] >= 4
     assert row["peak_pss_mb"] > 500 and row["peak_rss_mb"] >= row["peak_pss_mb"]
+
+
+# A root process with an app server (64 MiB, touched) that forked a worker sharing those pages, and a stand-in
+# for a flwr-clientapp: what bench_client's sampler sees on a device.
+_TREE_ROOT = """
+import subprocess, sys, time
+server = '''
+import os, sys, time
+block = bytearray(b"x" * (64 << 20))
+if os.fork() == 0:
+    time.sleep(60)
+    os._exit(0)
+time.sleep(60)
+'''
+subprocess.Popen([sys.executable, "-c", server, "--app-server"])
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "flwr-clientapp"])
+time.sleep(60)
+"""
+
+
+def test_client_benchmark_sums_a_device_tree_by_kind_and_counts_shared_pages_once_in_pss():
+    import time
+
+    from metafleet.simulations.bench_client import device_memory
+    from metafleet.simulations.bench_overhead import kill_tree
+
+    root = subprocess.Popen([sys.executable, "-c", _TREE_ROOT])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            memory = device_memory(root.pid)
+            if memory["processes"] == 4 and memory["by_role"].get("app worker", [0])[0] >= 64:
+                break
+            time.sleep(0.2)
+        roles = memory["by_role"]
+        assert set(roles) == {"metafleet client", "app server", "app worker", "clientapp"}, roles
+        assert all(count == 1 for _, _, count in roles.values())
+        server, worker = roles["app server"], roles["app worker"]
+        assert server[0] >= 64 and worker[0] >= 64  # RSS counts the shared block in both
+        assert (server[0] + worker[0]) - (server[1] + worker[1]) >= 50  # PSS counts it once between them
+        assert memory["rss"] == pytest.approx(sum(r[0] for r in roles.values()), abs=0.5)
+        assert memory["pss"] < memory["rss"]
+    finally:
+        kill_tree(root.pid)
+        root.wait(timeout=30)
