@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from flwr.app import ArrayRecord
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
 
 from metafleet.common.meta import Params
 
@@ -14,7 +16,25 @@ def to_array_record(params: Params) -> ArrayRecord:
 
 
 def from_array_record(record: ArrayRecord) -> Params:
-    return dict(record.to_torch_state_dict())
+    return {name: torch.from_numpy(_numpy(array)) for name, array in record.items()}
+
+
+def _numpy(array: Array) -> np.ndarray:
+    """The array, read straight from its .npy bytes when they hold a plain C-order array of the dtype and
+    shape the record declares. ``Array.numpy()`` parses each .npy header with ``ast`` (0.15 ms an array),
+    which was half of the server's time to validate a round of small replies."""
+    data = array.data
+    if array.stype == "numpy.ndarray" and data[:6] == b"\x93NUMPY" and data[6:7] in (b"\x01", b"\x02", b"\x03"):
+        start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+        header = data[:start]
+        dtype = np.dtype(array.dtype)
+        count = int(np.prod(array.shape, dtype=np.int64))
+        if b"'fortran_order': False" in header and len(data) - start == count * dtype.itemsize:
+            descr = dtype.newbyteorder("<") if dtype.byteorder not in ("|", "=") else dtype
+            if repr(descr.str).encode() in header:
+                return np.frombuffer(data, dtype=descr, count=count, offset=start).reshape(array.shape).copy()
+    value = array.numpy()
+    return value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("="))
 
 
 def record_nbytes(record: ArrayRecord) -> int:
