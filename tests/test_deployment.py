@@ -205,3 +205,46 @@ def test_personalize_keeps_a_model_that_predict_uses_offline(tmp_path, capsys):
     assert "the model takes N × (6, 100)" in capsys.readouterr().err
     assert main(["personalize", "--checkpoint", str(tmp_path / "nothing"), "--data", str(tmp_path / "device"),
                  "--out", str(tmp_path / "x.pt")]) == 2
+
+
+@pytest.mark.slow
+def test_secure_aggregation_runs_over_real_superlink_and_supernodes(tmp_path):
+    """SecAgg+'s four exchanges a round between real processes over TLS: three devices train, one is held out."""
+    certs = tmp_path / "certs"
+    make_certificates(certs, [], [f"dev{i}" for i in range(4)])
+    fleet = fleet_class("watch").build(RunConfig.resolve(dataset="watch"), held_out=[])
+    for client in range(4):
+        save_device_data(tmp_path / f"data{client}", "watch", fleet.client(client))
+    port, run_dir = free_port(), tmp_path / "run"
+    processes = [_metafleet(
+        "server", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port), "--out", str(run_dir),
+        "--dataset", "watch", "--algorithm", "reptile", "--clients", "4", "--held-out-clients", "1",
+        "--clients-per-round", "3", "--rounds", "2", "--eval-every", "2", "--node-wait-seconds", "90",
+        "--round-timeout", "120", "--secure-aggregation", log=tmp_path / "server.log",
+    )]
+    server = processes[0]
+    try:
+        assert _wait_for(lambda: "listening on" in _read(tmp_path / "server.log"), 90), _read(tmp_path / "server.log")
+        for index in range(4):
+            processes.append(_metafleet(
+                "client", "--superlink", f"127.0.0.1:{port}", "--data", str(tmp_path / f"data{index}"),
+                "--root-cert", str(certs / "ca.pem"), "--key", str(certs / "devices" / f"dev{index}.key"),
+                "--client-id", str(index), "--role", "held-out" if index == 3 else "train",
+                "--local-port", str(free_port()), log=tmp_path / f"device{index}.log",
+            ))
+        assert server.wait(timeout=420) == 0, _read(tmp_path / "server.log")[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["secure_aggregation"] and summary["rounds_completed"] == 2 and summary["rounds_skipped"] == 0
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["accepted"] for row in train if row["phase"] == "train"] == [3, 3]
+    assert summary["personalization"]["clients_reporting"] == 1
+    assert not left_after(f"127.0.0.1:{port}", 30), "a process of the fleet is still running"
