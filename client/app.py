@@ -40,14 +40,13 @@ from metafleet.common.training import client_personalization, client_train
 log = logging.getLogger("metafleet.client")
 # The record keys of Flower's legacy FitIns, which SecAgg+'s workflow sends.
 LEGACY_PARAMS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"
+# A device may insist on one aggregation mode: node config "secure-aggregation=true" (its update never
+# leaves unmasked) or "=false"; without the key it follows the server.
+NODE_SECURE_AGGREGATION = "secure-aggregation"
 
 
 class AggregationModeError(MetafleetError):
     """The server and this device disagree on secure aggregation."""
-
-# A device may insist on one aggregation mode: node config "secure-aggregation=true" (its update never
-# leaves unmasked) or "=false"; without the key it follows the server.
-NODE_SECURE_AGGREGATION = "secure-aggregation"
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -156,11 +155,11 @@ class Device:
     def received_params(self, msg: Message) -> dict[str, torch.Tensor]:
         if LEGACY_PARAMS in msg.content.array_records:
             # The legacy record numbers the arrays; their order is the model's.
-            arrays = list(msg.content[LEGACY_PARAMS].values())
+            arrays = list(from_array_record(msg.content[LEGACY_PARAMS]).values())
             names = list(_reference_params(self.config))
             if len(arrays) != len(names):
                 raise ValueError(f"client {self.client_id} received {len(arrays)} arrays, the model has {len(names)}")
-            params = {name: torch.from_numpy(array.numpy().copy()) for name, array in zip(names, arrays, strict=True)}
+            params = dict(zip(names, arrays, strict=True))
         else:
             params = from_array_record(msg.content["arrays"])
         try:

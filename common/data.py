@@ -156,7 +156,7 @@ class Fleet(ABC):
     def episode_examples(cls, config: RunConfig) -> int:
         """Examples in one training episode: every client's aggregation weight, and so SecAgg+'s max weight."""
         per_class = config.shots + config.query_shots
-        if cls.sampling == "uniform" or cls.num_classes is None and not config.ways:
+        if cls.sampling == "uniform" or (cls.num_classes is None and not config.ways):
             return per_class
         return per_class * (config.ways or cls.num_classes)
 

@@ -106,8 +106,7 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         initial = evaluate_round(grid, strategy, 0, options["round-timeout"], force=True)
         if initial is not None:
             run_dir.append_metrics({"round": 0, "phase": "evaluate", **dict(initial)})
-    up, down = grid.take_bytes()  # discovery and round 0: in the run's totals, not in round 1's
-    strategy.bytes_up, strategy.bytes_down = strategy.bytes_up + up, strategy.bytes_down + down
+    _add_traffic(grid, strategy)  # discovery and round 0: in the run's totals, not in round 1's
     round_seconds: list[float] = []
     for server_round in range(start_round, config.rounds + 1):
         round_start = time.monotonic()
@@ -127,9 +126,7 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         evaluation = evaluate_round(grid, strategy, server_round, options["round-timeout"])
         round_seconds.append(time.monotonic() - round_start)
         train_row["seconds"] = round_seconds[-1]
-        up, down = grid.take_bytes()
-        strategy.bytes_up, strategy.bytes_down = strategy.bytes_up + up, strategy.bytes_down + down
-        train_row["bytes-up"], train_row["bytes-down"] = up, down
+        train_row["bytes-up"], train_row["bytes-down"] = _add_traffic(grid, strategy)
         run_dir.append_metrics(train_row)
         if evaluation is not None:
             run_dir.append_metrics({"round": server_round, "phase": "evaluate", **dict(evaluation)})
@@ -148,6 +145,14 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     summary = write_report(run_dir, config, extra)
     log.info("run finished: %s", run_dir.path)
     return summary
+
+
+def _add_traffic(grid: MeteredGrid, strategy: MetaStrategy) -> tuple[int, int]:
+    """Moves the bytes the grid counted since the last call into the run's totals (kept in checkpoints)."""
+    up, down = grid.take_bytes()
+    strategy.bytes_up += up
+    strategy.bytes_down += down
+    return up, down
 
 
 def _privacy_summary(config: RunConfig, strategy: MetaStrategy) -> dict[str, Any] | None:

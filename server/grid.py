@@ -44,6 +44,11 @@ class MeteredGrid(Grid):
         self.bytes_up = self.bytes_down = 0
         return counts
 
+    def take_errors(self) -> list[tuple[int, str]]:
+        """(node, reason) of the error replies since the last call."""
+        errors, self.errors = self.errors, []
+        return errors
+
     # The rest of Grid, delegated.
     def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
         self._grid.set_run(run)

@@ -85,13 +85,13 @@ class SecureAggregation:
         self.legacy.state.config_records[_ROUND_RECORD] = ConfigRecord({_ROUND_KEY: server_round})
         self.legacy.state.array_records[_PARAMS_RECORD] = to_array_record(self.strategy.params)
         self.adapter.begin(grid, server_round)
-        errors_before = len(grid.errors)
+        grid.take_errors()  # earlier rounds' and evaluations' errors are not this round's
         with _quiet_flower():
             try:
                 workflow(grid, self.legacy)
             except Exception as error:  # noqa: BLE001 - a malformed reply must cost one round, not the run
                 self.adapter.outcome = f"failed ({type(error).__name__}: {error})"
-        node_errors = dict(grid.errors[errors_before:])
+        node_errors = dict(grid.take_errors())
         stats = self.strategy.last_round
         for node in stats.sampled_nodes:
             if node not in self.adapter.contributors:

@@ -25,3 +25,13 @@ def test_arrays_the_fast_reader_does_not_take_are_read_by_numpy():
     back = from_array_record(record)
     assert np.array_equal(back["fortran"].numpy(), fortran)
     assert np.array_equal(back["big-endian"].numpy(), big_endian.astype("<i4"))
+
+
+def test_arrays_of_legacy_parameters_without_a_declared_dtype_are_read():
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import ndarrays_to_parameters
+
+    values = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1.5, -2.0], dtype=np.float64)]
+    record = compat.parameters_to_arrayrecord(ndarrays_to_parameters(values), keep_input=True)
+    back = list(from_array_record(record).values())
+    assert all(np.array_equal(b.numpy(), v) and b.numpy().dtype == v.dtype for b, v in zip(back, values, strict=True))
