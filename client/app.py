@@ -13,6 +13,7 @@ Handlers:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,9 @@ from metafleet.common.records import from_array_record, to_array_record
 from metafleet.common.training import client_personalization, client_train
 
 log = logging.getLogger("metafleet.client")
+CPU = torch.device("cpu")
+TORCH_DEVICE_KEY = "torch-device"
+TORCH_DEVICE_ENV = "METAFLEET_TORCH_DEVICE"
 # The record keys of Flower's legacy FitIns, which SecAgg+'s workflow sends.
 LEGACY_PARAMS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"
 # A device may insist on one aggregation mode: node config "secure-aggregation=true" (its update never
@@ -93,15 +97,32 @@ def _fleet(config: RunConfig) -> Fleet:
 
 
 @lru_cache(maxsize=4)
-def _functional_model(config: RunConfig) -> FunctionalModel:
+def _functional_model(config: RunConfig, device: torch.device = CPU) -> FunctionalModel:
     fleet = fleet_class(config.dataset)  # the class alone: a deployed device has no built-in data set
-    return FunctionalModel(fleet.make_model(config.ways), fleet.objective)
+    return FunctionalModel(fleet.make_model(config.ways).to(device), fleet.objective)
 
 
 @lru_cache(maxsize=4)
 def _reference_params(config: RunConfig) -> dict[str, torch.Tensor]:
-    # Only names, shapes and dtypes matter: what a received θ is checked against.
+    # Only names, shapes and dtypes matter: what a received θ is checked against, on the host.
     return _functional_model(config).init_params()
+
+
+def torch_device(context: Context) -> torch.device:
+    """Where this device computes: node config ``torch-device``, else $METAFLEET_TORCH_DEVICE, else the CPU.
+
+    A Jetson runs its adaptation on its GPU with ``cuda``; messages and checks stay on the host either way.
+    """
+    name = str(context.node_config.get(TORCH_DEVICE_KEY, os.environ.get(TORCH_DEVICE_ENV, "cpu")))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MetafleetError(f"torch device {name!r} (node config {TORCH_DEVICE_KEY} or ${TORCH_DEVICE_ENV}) is not "
+                             "a device name torch knows; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MetafleetError(f"torch device {name!r} was asked for, but this torch ({torch.__version__}) sees no "
+                             "CUDA device; install the platform's CUDA build of torch or use cpu")
+    return device
 
 
 @lru_cache(maxsize=4)
@@ -127,7 +148,8 @@ class Device:
     def __init__(self, context: Context):
         self.config = RunConfig.from_run_config(dict(context.run_config))
         node = context.node_config
-        self.fmodel = _functional_model(self.config)
+        self.torch_device = torch_device(context)
+        self.fmodel = _functional_model(self.config, self.torch_device)
         if "data-dir" in node:
             self.client_id = int(node.get("client-id", 0))
             role = str(node.get("role", "train"))
@@ -152,7 +174,11 @@ class Device:
     def data(self) -> ClientData:
         return self._data if self._data is not None else _client_data(self.config, self.client_id)
 
+    def on_device(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t.to(self.torch_device) for name, t in params.items()}
+
     def received_params(self, msg: Message) -> dict[str, torch.Tensor]:
+        """θ from the server, checked against the model (on the host)."""
         if LEGACY_PARAMS in msg.content.array_records:
             # The legacy record numbers the arrays; their order is the model's.
             arrays = list(from_array_record(msg.content[LEGACY_PARAMS]).values())
@@ -197,13 +223,13 @@ def train(msg: Message, context: Context) -> Message:
     params = device.received_params(msg)
     server_round = int(msg.content[LEGACY_CONFIG if secure else "config"]["server-round"])
     rng = np.random.default_rng([device.config.seed, server_round, device.client_id])
-    update = client_train(device.fmodel, params, device.data, device.config, rng)
+    update = client_train(device.fmodel, device.on_device(params), device.data, device.config, rng)
     # A warning: flwr-clientapp configures no logging for metafleet, so an info line would never show.
     log.warning("client %d: train took %.2f s", device.client_id, time.perf_counter() - start)
     # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum
     # (the server cannot see which client sent it), so the device refuses and drops out of the round.
-    check_update(update.pseudo_grad, params)
-    pseudo_grad, weight = update.pseudo_grad, update.num_examples
+    pseudo_grad, weight = {name: t.cpu() for name, t in update.pseudo_grad.items()}, update.num_examples
+    check_update(pseudo_grad, params)
     if device.config.differential_privacy:
         pseudo_grad, _ = clip_to_norm(pseudo_grad, device.config.dp_clip_norm)
         weight = 1
@@ -230,7 +256,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     device = Device(context)
     params = device.received_params(msg)
-    curve, guarded = client_personalization(device.fmodel, params, device.data, device.config)
+    curve, guarded = client_personalization(device.fmodel, device.on_device(params), device.data, device.config)
     metrics = {"num-examples": 1, "client-id": device.client_id}
     for step, plain_value, guarded_value in zip(device.config.eval_steps, curve, guarded, strict=True):
         metrics[f"step-{step}"] = plain_value

@@ -56,6 +56,8 @@ def client_parser() -> argparse.ArgumentParser:
                         help="train: contributes updates; held-out: only evaluates personalization")
     parser.add_argument("--secure-aggregation", choices=["true", "false"],
                         help="insist on secure aggregation (true) or refuse it (false); default: follow the server")
+    parser.add_argument("--torch-device", metavar="DEVICE",
+                        help="where training and personalization compute: cpu (default) or cuda on a Jetson")
     parser.add_argument("--local-port", type=int, default=9094,
                         help="port of the SuperNode's local API for its app processes (one per device on a host)")
     parser.add_argument("--insecure", action="store_true", help="no TLS and no key: local trials only")
@@ -72,6 +74,8 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     node_config = f"data-dir='{args.data.resolve()}' client-id={args.client_id} role='{args.role}'"
     if args.secure_aggregation:
         node_config += f" secure-aggregation={args.secure_aggregation}"
+    if args.torch_device:
+        node_config += f" torch-device='{args.torch_device}'"
     command = [executable, "--superlink", args.superlink, "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(args.local_port)]
     if args.app_process == "warm":

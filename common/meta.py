@@ -13,6 +13,7 @@ gradient. One outer mechanism therefore serves all four algorithms.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class Objective:
     higher_is_better: bool
 
 
-def _flat_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+def flat_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     # Sequence models emit (batch, time, classes); flattening lets one objective serve both shapes.
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
@@ -48,7 +49,7 @@ def _accuracy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 REGRESSION = Objective("mse", F.mse_loss, F.mse_loss, higher_is_better=False)
-CLASSIFICATION = Objective("accuracy", _flat_cross_entropy, _accuracy, higher_is_better=True)
+CLASSIFICATION = Objective("accuracy", flat_cross_entropy, _accuracy, higher_is_better=True)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Episode:
     def union(self) -> Batch:
         return (torch.cat([self.support[0], self.query[0]]), torch.cat([self.support[1], self.query[1]]))
 
+    def to(self, device: torch.device | str) -> Episode:
+        return Episode(tuple(t.to(device) for t in self.support), tuple(t.to(device) for t in self.query))
+
 
 class FunctionalModel:
     """An ``nn.Module`` seen as a pure function ``f(params, x)``.
@@ -77,6 +81,7 @@ class FunctionalModel:
         self.module = module
         self.objective = objective
         self.buffers: Params = {name: b.detach() for name, b in module.named_buffers()}
+        self.has_rnn = any(isinstance(m, nn.RNNBase) for m in module.modules())
 
     def init_params(self) -> Params:
         return {name: p.detach().clone() for name, p in self.module.named_parameters()}
@@ -133,12 +138,17 @@ def _first_order_grad(fmodel: FunctionalModel) -> Callable[[Params, Batch], Para
     """
 
     def loss_grad(params: Params, batch: Batch) -> Params:
-        with torch.enable_grad():
-            leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-            grads = torch.autograd.grad(fmodel.loss(leaves, batch), list(leaves.values()))
-        return dict(zip(leaves, grads, strict=True))
+        return _first_order_grad_and_loss(fmodel, params, batch)[0]
 
     return loss_grad
+
+
+def _first_order_grad_and_loss(fmodel: FunctionalModel, params: Params, batch: Batch) -> tuple[Params, Tensor]:
+    with torch.enable_grad():
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        loss = fmodel.loss(leaves, batch)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True)), loss.detach()
 
 
 @dataclass
@@ -181,9 +191,10 @@ def reptile_update(fmodel: FunctionalModel, params: Params, episode: Episode, st
 def fomaml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
     """First-order MAML (Finn et al., ICML 2017, sec. 5.2): the query gradient at the adapted parameters."""
     adapted = adapt(fmodel, params, episode.support, steps, lr)
-    query_grad, query_loss = grad_and_value(fmodel.loss)(adapted, episode.query)
+    # Eager autograd, as in the inner loop: torch.func's transform cannot run cuDNN's LSTM on a GPU.
+    query_grad, query_loss = _first_order_grad_and_loss(fmodel, adapted, episode.query)
     return LocalUpdate(
-        _detached(query_grad),
+        query_grad,
         episode.num_examples,
         {"loss-before": float(fmodel.loss(params, episode.query)), "loss-after": float(query_loss)},
     )
@@ -195,7 +206,11 @@ def maml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps
     def query_loss_after_adaptation(theta: Params) -> Tensor:
         return fmodel.loss(adapt(fmodel, theta, episode.support, steps, lr, differentiable=True), episode.query)
 
-    meta_grad, query_loss = grad_and_value(query_loss_after_adaptation)(_detached(params))
+    # cuDNN's fused RNN kernels have no double backward: on a GPU an LSTM's second-order step runs unfused.
+    # (flags() resets every cuDNN setting, TF32 included, so it is entered only where needed.)
+    unfused = fmodel.has_rnn and next(iter(params.values())).is_cuda
+    with torch.backends.cudnn.flags(enabled=False) if unfused else contextlib.nullcontext():
+        meta_grad, query_loss = grad_and_value(query_loss_after_adaptation)(_detached(params))
     return LocalUpdate(
         _detached(meta_grad),
         episode.num_examples,
@@ -259,7 +274,7 @@ def cross_validation_folds(support: Batch, objective: Objective, max_folds: int 
     folds = min(max_folds, count)
     if folds < 2:
         return []
-    if objective.higher_is_better:  # classification: stratify by label
+    if objective.higher_is_better and y.dim() == 1:  # one label an example: stratify by it
         _, inverse, per_class = torch.unique(y, return_inverse=True, return_counts=True)
         if int(per_class.max()) < 2:
             return []
@@ -271,7 +286,8 @@ def cross_validation_folds(support: Batch, objective: Objective, max_folds: int 
         assignment = rank % folds
     else:
         assignment = torch.arange(count) % folds
-    return [torch.nonzero(assignment == f).flatten() for f in range(folds) if bool((assignment == f).any())]
+    folds_present = [f for f in range(folds) if bool((assignment == f).any())]
+    return [torch.nonzero(assignment == f).flatten().to(y.device) for f in folds_present]
 
 
 def keeps_adaptation(
@@ -300,7 +316,7 @@ def guard_decisions(
     x, y = support
     adapted_loss, base_loss = [0.0] * len(steps), 0.0
     for held in folds:
-        keep = torch.ones(len(y), dtype=torch.bool)
+        keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
         keep[held] = False
         held_batch = (x[held], y[held])
         base_loss += float(fmodel.loss(params, held_batch)) * len(held)

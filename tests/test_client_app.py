@@ -77,3 +77,20 @@ def test_a_node_without_partition_id_gets_a_clear_error():
     context.node_config.clear()
     with pytest.raises(Exception, match="partition-id"):
         client_app.query(instruction(RecordDict(), MessageType.QUERY), context)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [("gpu0", "not a device name torch knows"), ("cuda", "sees no CUDA device")],
+)
+def test_an_unusable_torch_device_is_named(name, problem, monkeypatch):
+    if name == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/test_torch_device.py runs the device there")
+    context = device_context(TRAINING[0], CONFIG.to_run_config())
+    context.node_config["torch-device"] = name
+    with pytest.raises(Exception, match=problem):
+        client_app.train(_train_message(initial_params(CONFIG)), context)
+    monkeypatch.setenv("METAFLEET_TORCH_DEVICE", name)
+    del context.node_config["torch-device"]
+    with pytest.raises(Exception, match=problem):
+        client_app.train(_train_message(initial_params(CONFIG)), context)
