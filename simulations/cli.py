@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.server.report import print_summary
 from metafleet.server.rundir import start_or_resume
+
+BACKENDS = ("ray", "inprocess")
 
 
 def simulate_parser() -> argparse.ArgumentParser:
@@ -24,7 +27,13 @@ def simulate_parser() -> argparse.ArgumentParser:
     add_learning_arguments(parser)
     parser.add_argument("--out", type=Path, help="run directory (default runs/DATASET-ALGORITHM-TIME)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources per simulated device")
+    parser.add_argument("--backend", choices=BACKENDS, default="ray",
+                        help="ray: Flower's Simulation Engine, devices as Ray workers (default); inprocess: the same "
+                        "ServerApp and ClientApp exchanging serialized messages in this process, one device at a time "
+                        "(no Ray start-up or polling: faster for small models and long runs)")
+    parser.add_argument("--torch-device", metavar="DEVICE",
+                        help="where simulated devices compute: cpu (default) or cuda (sets $METAFLEET_TORCH_DEVICE)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     return parser
 
@@ -33,25 +42,41 @@ def simulate_command(argv: list[str]) -> int:
     args = simulate_parser().parse_args(argv)
     config, out = start_or_resume(args.resume, args.out, lambda: config_from_arguments(args))
     summary = simulate(config, Path(out), resume=bool(args.resume), cpus_per_client=args.cpus_per_client,
-                       verbose=args.verbose)
+                       verbose=args.verbose, backend=args.backend, torch_device=args.torch_device)
     print_summary(summary)
     return 0
 
 
 def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client: float = 1.0,
-             verbose: bool = False) -> dict:
+             verbose: bool = False, backend: str = "ray", torch_device: str | None = None) -> dict:
     """Run the fleet in this process; returns summary.json's content."""
+    if backend not in BACKENDS:
+        raise MetafleetError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if torch_device:
+        # An environment variable reaches Ray's worker processes as well as this one.
+        os.environ["METAFLEET_TORCH_DEVICE"] = torch_device
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     from metafleet.client.app import app as client_app
-    from metafleet.server.app import app as server_app
-    from metafleet.simulations.engine import run_in_simulation
 
     run_config = {**config.to_run_config(), "out-dir": str(out.resolve()), "resume": resume}
     print(f"metafleet: simulating {config.clients} clients ({config.held_out_clients} held out), "
-          f"{config.algorithm} on {config.dataset}, {config.rounds} rounds -> {out}", file=sys.stderr)
-    run_in_simulation(server_app, client_app, run_config, num_supernodes=config.clients,
-                      cpus_per_client=cpus_per_client, verbose=verbose)
+          f"{config.algorithm} on {config.dataset}, {config.rounds} rounds ({backend}) -> {out}", file=sys.stderr)
+    if backend == "ray":
+        from metafleet.server.app import app as server_app
+        from metafleet.simulations.engine import run_in_simulation
+
+        run_in_simulation(server_app, client_app, run_config, num_supernodes=config.clients,
+                          cpus_per_client=cpus_per_client, verbose=verbose)
+    else:
+        from metafleet.server.app import run_meta_training
+        from metafleet.simulations.inprocess import InProcessGrid, device_contexts
+
+        if not verbose:  # every device's per-message timing line would share this console
+            logging.getLogger("metafleet.client").setLevel(logging.ERROR)
+        # The ServerApp's own entry point on a grid whose devices are the ClientApp in this process.
+        grid = InProcessGrid(client_app, device_contexts(config.to_run_config(), range(config.clients)))
+        run_meta_training(grid, run_config)
     summary_file = out / "summary.json"
     if not summary_file.is_file():
         raise MetafleetError(f"the simulation ended without writing {summary_file}; rerun with --verbose")
