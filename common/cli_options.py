@@ -22,6 +22,8 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outer-lr", type=float, help="meta learning rate")
     parser.add_argument("--shots", type=int, help="support examples per class (points, for regression)")
     parser.add_argument("--query-shots", type=int)
+    parser.add_argument("--train-shots", type=int,
+                        help="support examples per class in training episodes (default: --shots, used in evaluation)")
     parser.add_argument("--ways", type=int, help="classes per episode (0: all of the client's classes)")
     parser.add_argument("--fold", type=int, help="which block of clients is held out (folds cover every client)")
     parser.add_argument("--eval-every", type=int, help="personalization evaluation every E rounds")

@@ -31,15 +31,17 @@ class DatasetDefaults:
     held_out_clients: int
     ways: int = 0
     eval_episodes: int = 1
+    train_shots: int = 0
 
 
 # Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
 DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
     "sinusoid": DatasetDefaults(10, 10, 0.02, (0, 1, 5, 10), clients=200, held_out_clients=20),
     "watch": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=10, held_out_clients=2),
-    "omniglot": DatasetDefaults(1, 5, 0.1, (0, 1, 5, 10), clients=8, held_out_clients=2, ways=5, eval_episodes=10),
+    "omniglot": DatasetDefaults(1, 5, 0.1, (0, 1, 5, 10), clients=8, held_out_clients=2, ways=5, eval_episodes=10,
+                                train_shots=5),
     "fashion-mnist": DatasetDefaults(20, 20, 0.05, (0, 1, 5), clients=100, held_out_clients=10),
-    "shakespeare": DatasetDefaults(16, 16, 0.2, (0, 1, 5), clients=100, held_out_clients=10),
+    "shakespeare": DatasetDefaults(16, 16, 0.8, (0, 1, 5), clients=100, held_out_clients=10),
 }
 
 # FedAvg keeps its classical server (SGD with step 1 on θ − θ', i.e. model averaging). The meta methods
@@ -71,6 +73,9 @@ class RunConfig:
     outer_lr: float = 0.0
     shots: int = 0
     query_shots: int = 0
+    # Support examples per class in meta-training episodes (0: ``shots``). Evaluation always adapts on
+    # ``shots``: Reptile's authors train 1-shot Omniglot models on 10-shot episodes (``--train-shots``).
+    train_shots: int = 0
     eval_every: int = 10
     eval_steps: tuple[int, ...] = field(default_factory=tuple)
     min_replies: int = 1
@@ -122,6 +127,7 @@ class RunConfig:
             "eval_steps": defaults.eval_steps,
             "ways": defaults.ways,
             "eval_episodes": defaults.eval_episodes,
+            "train_shots": defaults.train_shots,
             "outer_optimizer": ALGORITHM_OUTER_OPTIMIZER[algorithm],
         }
         filled.update(given)
@@ -170,6 +176,7 @@ class RunConfig:
         _require(self, "outer_lr", _finite_positive(self.outer_lr), "must be a finite number > 0")
         _require(self, "shots", self.shots >= 1, "must be >= 1")
         _require(self, "query_shots", self.query_shots >= 1, "must be >= 1")
+        _require(self, "train_shots", self.train_shots >= 0, "must be >= 0 (0: the same as shots)")
         _require(self, "eval_every", self.eval_every >= 1, "must be >= 1")
         steps = list(self.eval_steps)
         _require(self, "eval_steps", bool(steps) and steps[0] == 0 and steps == sorted(set(steps)),
@@ -227,6 +234,10 @@ class RunConfig:
     @property
     def differential_privacy(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    @property
+    def training_shots(self) -> int:
+        return self.train_shots or self.shots
 
     @property
     def training_clients(self) -> int:

@@ -155,7 +155,7 @@ class Fleet(ABC):
     @classmethod
     def episode_examples(cls, config: RunConfig) -> int:
         """Examples in one training episode: every client's aggregation weight, and so SecAgg+'s max weight."""
-        per_class = config.shots + config.query_shots
+        per_class = config.training_shots + config.query_shots
         if cls.sampling == "uniform" or (cls.num_classes is None and not config.ways):
             return per_class
         return per_class * (config.ways or cls.num_classes)

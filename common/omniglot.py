@@ -50,6 +50,7 @@ ALPHABETS = (
 MIN_CHARACTERS, MAX_CHARACTERS = 17, 47
 DRAWERS = 20
 SIDE = 28
+ROTATIONS = (0, 1, 2, 3)  # quarter turns
 FIX_HINT = (
     f"restore data/omniglot/ from the repository (git checkout -- data/omniglot), "
     f"or set {ENV_VAR} to a folder holding {' and '.join(ZIP_NAMES)}"
@@ -172,8 +173,21 @@ def load_alphabet(root: Path, alphabet: str) -> tuple[torch.Tensor, np.ndarray, 
     return result
 
 
+def _rotated(batch: tuple[torch.Tensor, torch.Tensor], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each character also rotated by 90, 180 and 270 degrees, each rotation a new class (k * num_classes + c)."""
+    x, y = batch
+    return (torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in ROTATIONS]),
+            torch.cat([y + k * num_classes for k in ROTATIONS]))
+
+
 class OmniglotFleet(Fleet):
-    """The 8 alphabets of Omniglot's background-small splits as clients 0..7, in alphabetical order."""
+    """The 8 alphabets of Omniglot's background-small splits as clients 0..7, in alphabetical order.
+
+    In a run (``build``) a training alphabet's characters also appear rotated by 90, 180 and 270 degrees as
+    new characters, the augmentation of Santoro et al. (2016) that MAML and Reptile use: 6 training alphabets
+    of about 180 characters become about 720 classes to meta-learn from. Held-out alphabets are evaluated as
+    drawn.
+    """
 
     name = "omniglot"
     objective = CLASSIFICATION
@@ -181,11 +195,12 @@ class OmniglotFleet(Fleet):
     # Per client (an alphabet's character count); the model's head has ``ways`` outputs.
     num_classes = None
 
-    def __init__(self, held_out: Sequence[int] = (), root: Path | None = None):
+    def __init__(self, held_out: Sequence[int] = (), root: Path | None = None, rotate_training: bool = False):
         self.root = root if root is not None else locate_omniglot_dir()
         # Reads only the zips' directories, so a missing or corrupt zip fails here, before any training.
         self._index = index_alphabets(self.root)
         self.held_out = sorted(held_out)
+        self.rotate_training = rotate_training
 
     @classmethod
     def build(cls, config: RunConfig, held_out: Sequence[int]) -> OmniglotFleet:
@@ -197,7 +212,7 @@ class OmniglotFleet(Fleet):
                 f"must be in [2, {MAX_CHARACTERS}] for omniglot (the largest alphabet has {MAX_CHARACTERS} "
                 "characters; 0 = all classes does not fit one model head across alphabets)",
             )
-        return cls(held_out)
+        return cls(held_out, rotate_training=True)
 
     @property
     def num_clients(self) -> int:
@@ -212,9 +227,11 @@ class OmniglotFleet(Fleet):
         first = torch.from_numpy(drawers <= DRAWERS // 2)
         y = torch.from_numpy(labels).long()
         first_half, second_half = (images[first], y[first]), (images[~first], y[~first])
-        data = ClientData(
-            client_id, (Split(first_half, second_half), Split(second_half, first_half)), int(labels.max()) + 1
-        )
+        splits, num_classes = (Split(first_half, second_half), Split(second_half, first_half)), int(labels.max()) + 1
+        if self.rotate_training and client_id not in self.held_out:
+            splits = tuple(Split(_rotated(s.support, num_classes), _rotated(s.query, num_classes)) for s in splits)
+            num_classes *= len(ROTATIONS)
+        data = ClientData(client_id, splits, num_classes)
         data.validate(self.input_shape)
         return data
 

@@ -41,8 +41,11 @@ def weighted_mean(updates: Sequence[Params], weights: Sequence[float]) -> Params
 def client_train(
     fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig, rng: np.random.Generator
 ) -> LocalUpdate:
-    """One client's work in one round: sample an episode from its data, run the algorithm's local update."""
-    episode = client.sample_episode(rng, config.shots, config.query_shots, config.ways or None)
+    """One client's work in one round: sample an episode from its data, run the algorithm's local update.
+
+    The episode goes to the device ``params`` live on (a Jetson's GPU, say); the data stays where it is."""
+    episode = client.sample_episode(rng, config.training_shots, config.query_shots, config.ways or None)
+    episode = episode.to(next(iter(params.values())).device)
     return local_update(config.algorithm, fmodel, params, episode, config.inner_steps, config.inner_lr)
 
 
@@ -52,7 +55,9 @@ def client_personalization(
     """The client's query metric after each of ``config.eval_steps`` adaptation steps, mean over its episodes:
     (plain curve, the curve with the personalization guard deciding on the device whether to adapt)."""
     plain, guarded = [], []
+    device = next(iter(params.values())).device
     for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None, config.eval_episodes):
+        episode = episode.to(device)
         curve = personalization_curve(
             fmodel, params, episode.support, episode.query, config.eval_steps, config.inner_lr
         )

@@ -167,3 +167,33 @@ def test_a_missing_folder_is_a_data_error_with_the_fix(tmp_path, monkeypatch):
     expected = f"found no Omniglot data \\({ENV_VAR} is not set; looked in .*no-repo-data\\).*git checkout"
     with pytest.raises(DataError, match=expected):
         OmniglotFleet()
+
+
+def test_a_run_rotates_training_alphabets_into_new_characters_and_leaves_held_out_ones_as_drawn():
+    config = RunConfig.resolve(dataset="omniglot")
+    fleet = OmniglotFleet.build(config, [2, 7])
+    plain = OmniglotFleet().client(0)
+    training, held_out = fleet.client(0), fleet.client(2)
+    assert training.num_classes == 4 * plain.num_classes == 96
+    assert held_out.num_classes == OmniglotFleet().client(2).num_classes == 24
+    (x, y), (x0, y0) = training.splits[0].support, plain.splits[0].support
+    for quarter_turns in range(4):
+        rotated = y == y0[0] + quarter_turns * plain.num_classes
+        assert torch.equal(x[rotated][0], torch.rot90(x0[0], quarter_turns, dims=(1, 2)))
+    # Support and query still come from different drawers after rotation: no drawing in both.
+    support = {row.numpy().tobytes() for row in x}
+    assert not support & {row.numpy().tobytes() for row in training.splits[0].query[0]}
+    assert config.training_shots == 5 and config.shots == 1
+
+
+def test_training_episodes_take_train_shots_and_evaluation_takes_shots():
+    from metafleet.common.meta import FunctionalModel
+    from metafleet.common.training import client_train
+
+    config = RunConfig.resolve(dataset="omniglot", algorithm="reptile", inner_steps=1)
+    fleet = OmniglotFleet.build(config, [2, 7])
+    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective)
+    update = client_train(fmodel, fmodel.init_params(), fleet.client(0), config, np.random.default_rng(0))
+    assert update.num_examples == (5 + 5) * 5 == OmniglotFleet.episode_examples(config)
+    evaluation = fleet.client(2).evaluation_episodes(config.shots, config.seed, config.ways, per_split=1)
+    assert all(len(episode.support[1]) == 5 for episode in evaluation)  # 1 shot of 5 ways
