@@ -122,8 +122,12 @@ def predict_command(argv: list[str]) -> int:
         raise DataError(f"{args.input} has shape {inputs.shape}; the model takes N × {fleet.input_shape}")
     if not np.isfinite(inputs).all():
         raise DataError(f"{args.input} holds NaN or Inf")
+    # Character ids stay integers (an embedding's input); measurements become float32.
+    tensor = torch.from_numpy(inputs.astype(np.int64 if np.issubdtype(inputs.dtype, np.integer) else np.float32))
     with torch.no_grad():
-        outputs = fmodel.forward(personal["params"], torch.from_numpy(inputs.astype(np.float32)))
+        outputs = fmodel.forward(personal["params"], tensor)
+    if outputs.dim() == 3:  # a sequence model: the prediction for what follows each input is its last step's
+        outputs = outputs[:, -1]
     classify = fleet.objective.metric_name == "accuracy"
     predictions = outputs.argmax(-1).numpy() if classify else outputs.squeeze(-1).numpy()
     if args.out:

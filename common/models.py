@@ -90,8 +90,8 @@ class CharLSTM(nn.Module):
     """Next-character LSTM of LEAF's Shakespeare task: embedding 8, two LSTM layers of 128, a linear head.
 
     213,712 parameters for an 80-character vocabulary (LEAF's two layers of 256 have 819,920 and cost about
-    twice the time per step on one CPU thread). Input (batch, time) of character ids; output (batch, vocab),
-    the logits for the character after the window, read from the last time step.
+    twice the time per step on one CPU thread). Input (batch, time) of character ids; output (batch, time,
+    vocab), the logits for the next character at every position (the last one: after the window).
     """
 
     def __init__(self, vocab_size: int = 80, embedding_dim: int = 8, hidden: int = 128, layers: int = 2):
@@ -102,7 +102,7 @@ class CharLSTM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.lstm(self.embedding(x))
-        return self.head(out[:, -1])
+        return self.head(out)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -74,14 +74,14 @@ def test_vocabulary_is_leafs_and_unknown_characters_get_one_fixed_id():
                                         UNKNOWN_ID]
 
 
-def test_windows_hold_80_characters_and_the_next_one_as_label():
+def test_windows_hold_80_characters_and_the_next_character_at_every_position():
     text = "".join(chr(ord("a") + i % 26) for i in range(200))
     ids = encode(text)
     x, y = windows(ids, np.array([0, 5, 119]))
-    assert x.dtype == y.dtype == torch.int64 and x.shape == (3, SEQ_LEN)
-    for row, label, start in zip(x, y, (0, 5, 119), strict=True):
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (3, SEQ_LEN)
+    for row, targets, start in zip(x, y, (0, 5, 119), strict=True):
         assert decode(row) == text[start : start + SEQ_LEN]
-        assert ALL_LETTERS[int(label)] == text[start + SEQ_LEN]
+        assert decode(targets) == text[start + 1 : start + SEQ_LEN + 1]  # the last: LEAF's label
     with pytest.raises(ValueError):
         windows(ids, np.array([120]))  # its label would be past the end
 
@@ -98,8 +98,8 @@ def test_support_and_query_come_from_disjoint_parts_of_the_role():
         (xs, ys), (xq, yq) = data.splits[0].support, data.splits[0].query
         assert len(xq) == 200 and len(xs) == 1000
         for x, y, part in ((xs[:50], ys[:50], support_text), (xq[:50], yq[:50], query_text)):
-            for row, label in zip(x, y, strict=True):
-                assert decode(row.tolist() + [int(label)]) in part
+            for row, targets in zip(x, y, strict=True):
+                assert decode(row.tolist() + [int(targets[-1])]) in part
 
 
 def test_role_choice_is_deterministic_and_longest_first():
@@ -139,9 +139,19 @@ def test_model_predicts_the_next_character_and_adapts_on_integer_windows(one_thr
     torch.manual_seed(0)
     fmodel = FunctionalModel(ShakespeareFleet.make_model(), ShakespeareFleet.objective)
     params = fmodel.init_params()
-    assert fmodel.forward(params, episode.support[0]).shape == (8, 80)
+    logits = fmodel.forward(params, episode.support[0])
+    assert logits.shape == (8, SEQ_LEN, 80)
     adapted = adapt(fmodel, params, episode.support, steps=2, inner_lr=1.0)
     assert float(fmodel.loss(adapted, episode.support)) < float(fmodel.loss(params, episode.support))
+
+
+def test_loss_covers_every_position_and_accuracy_only_the_character_after_the_window():
+    target = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    right_at_the_end = torch.nn.functional.one_hot(torch.tensor([[0, 0, 3], [0, 0, 6]]), 80).float() * 50
+    objective = ShakespeareFleet.objective
+    assert float(objective.metric(right_at_the_end, target)) == 1.0  # earlier positions are all wrong
+    everywhere = torch.nn.functional.one_hot(target, 80).float() * 50
+    assert float(objective.loss(everywhere, target)) < 1e-6 < float(objective.loss(right_at_the_end, target))
 
 
 def test_missing_tarball_names_the_fetch_command(monkeypatch, tmp_path):
