@@ -35,6 +35,7 @@ import numpy as np
 from metafleet.common.config import DATASETS, RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.errors import MetafleetError
+from metafleet.simulations.cli import BACKENDS
 
 ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml")
 # One colour per method in every plot; the FedAvg run's curves share fedavg+ft's.
@@ -91,14 +92,42 @@ def run_name(setting: Setting, algorithm: str, fold: int, seed: int) -> str:
     return f"{slug}-{algorithm}-fold{fold}-seed{seed}"
 
 
-def run_all(plan: Plan, out: Path, algorithms: Sequence[str], cpus_per_client: float) -> dict[str, Path]:
-    """Runs (or finds already finished) every run of the plan; returns run name -> run directory."""
+@dataclass(frozen=True)
+class Execution:
+    """How the runs execute; none of it changes what a run computes."""
+
+    backend: str = "ray"
+    cpus_per_client: float = 1.0
+    torch_device: str | None = None
+    jobs: int = 1
+
+
+def _simulate(config: RunConfig, run_dir: Path, execution: Execution) -> None:
     from metafleet.simulations.cli import simulate
 
+    simulate(config, run_dir, cpus_per_client=execution.cpus_per_client, backend=execution.backend,
+             torch_device=execution.torch_device)
+
+
+def _end_with_parent() -> None:
+    """A worker ends when the benchmark process does: killed, it would leave runs going on without it (which
+    a rerun, starting those runs afresh, would then share their directories with)."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def run_all(plan: Plan, out: Path, algorithms: Sequence[str], execution: Execution) -> dict[str, Path]:
+    """Runs (or finds already finished) every run of the plan; returns run name -> run directory.
+
+    With ``execution.jobs > 1`` that many runs go at once, each in its own process."""
     runs: dict[str, Path] = {}
     jobs = [(s, a, f, seed) for s in plan.settings for f in plan.folds for seed in plan.seeds for a in algorithms]
-    started = time.monotonic()
-    for index, (setting, algorithm, fold, seed) in enumerate(jobs, start=1):
+    pending = []
+    for setting, algorithm, fold, seed in jobs:
         name = run_name(setting, algorithm, fold, seed)
         run_dir = out / "runs" / name
         runs[name] = run_dir
@@ -108,9 +137,26 @@ def run_all(plan: Plan, out: Path, algorithms: Sequence[str], cpus_per_client: f
             shutil.rmtree(run_dir)
         config = RunConfig.resolve(dataset=plan.dataset, algorithm=algorithm, rounds=plan.rounds, fold=fold,
                                    seed=seed, **plan.common, **setting.overrides)
-        elapsed = time.monotonic() - started
-        print(f"[bench {index}/{len(jobs)}] {name} ({elapsed:.0f} s so far)", file=sys.stderr, flush=True)
-        simulate(config, run_dir, cpus_per_client=cpus_per_client)
+        pending.append((name, config, run_dir))
+    started = time.monotonic()
+    if execution.jobs <= 1:
+        for index, (name, config, run_dir) in enumerate(pending, start=1):
+            elapsed = time.monotonic() - started
+            print(f"[bench {index}/{len(pending)}] {name} ({elapsed:.0f} s so far)", file=sys.stderr, flush=True)
+            _simulate(config, run_dir, execution)
+        return runs
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # Spawned, not forked: a forked child would inherit this process's torch threads (and CUDA, if used).
+    with ProcessPoolExecutor(execution.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_end_with_parent) as pool:
+        futures = {pool.submit(_simulate, config, run_dir, execution): name for name, config, run_dir in pending}
+        for done, future in enumerate(as_completed(futures), start=1):
+            future.result()  # a failed run fails the benchmark, naming its error
+            elapsed = time.monotonic() - started
+            print(f"[bench {done}/{len(pending)} done] {futures[future]} ({elapsed:.0f} s so far)", file=sys.stderr,
+                  flush=True)
     return runs
 
 
@@ -246,8 +292,17 @@ def personalization_command(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="benchmark directory (reruns continue in it)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (fedavg is required)")
     parser.add_argument("--settings", help="comma-separated indexes of the plan's settings to run (default: all)")
+    parser.add_argument("--rounds", type=int, help="training rounds of every run (default: the plan's)")
+    parser.add_argument("--backend", choices=BACKENDS, default="ray",
+                        help="ray: Flower's Simulation Engine (default); inprocess: the same apps without Ray")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--torch-device", metavar="DEVICE", help="where simulated devices compute: cpu or cuda")
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise MetafleetError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.rounds is not None and args.rounds < 1:
+        raise MetafleetError(f"--rounds must be >= 1, got {args.rounds}")
     algorithms = [a for a in args.algorithms.split(",") if a]
     unknown = sorted(set(algorithms) - set(ALGORITHMS))
     if unknown or "fedavg" not in algorithms:
@@ -260,9 +315,14 @@ def personalization_command(argv: list[str]) -> int:
             limit = len(plan.settings)
             raise MetafleetError(f"--settings must be indexes in [0, {limit}), got {args.settings!r}") from None
         plan = dataclasses.replace(plan, settings=tuple(chosen))
+    if args.rounds is not None:
+        # Ten points on the curve over rounds, whatever the length.
+        plan = dataclasses.replace(plan, rounds=args.rounds,
+                                   common={**plan.common, "eval_every": max(1, args.rounds // 10)})
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    runs = run_all(plan, args.out, algorithms, args.cpus_per_client)
+    execution = Execution(args.backend, args.cpus_per_client, args.torch_device, args.jobs)
+    runs = run_all(plan, args.out, algorithms, execution)
     rows, over_rounds = collect(plan, runs, algorithms)
     write_results(plan, args.out, rows, over_rounds, time.monotonic() - started)
     print((args.out / "results.md").read_text())

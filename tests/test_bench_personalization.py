@@ -5,15 +5,24 @@ import json
 import pytest
 
 from metafleet.common.errors import MetafleetError
-from metafleet.simulations.bench_personalization import Plan, Setting, bench_command, collect, run_all, write_results
+from metafleet.simulations.bench_personalization import (
+    Execution,
+    Plan,
+    Setting,
+    bench_command,
+    collect,
+    run_all,
+    write_results,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_benchmark_pools_folds_per_client_and_does_not_redo_finished_runs(tmp_path):
+def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_finished_runs(tmp_path):
     plan = Plan("sinusoid", (Setting("4-shot", {"shots": 4}),), rounds=2, folds=(0, 1), seeds=(0,),
                 common={"clients": 6, "held_out_clients": 2, "clients_per_round": 2, "eval_every": 2})
-    runs = run_all(plan, tmp_path, ["fedavg", "reptile"], cpus_per_client=1.0)
+    # Two runs at once, each in its own process, without Ray (the Ray path: tests/test_simulation.py).
+    runs = run_all(plan, tmp_path, ["fedavg", "reptile"], Execution(backend="inprocess", jobs=2))
     assert len(runs) == 4 and all((run / "summary.json").is_file() for run in runs.values())
     rows, over_rounds = collect(plan, runs, ["fedavg", "reptile"])
     write_results(plan, tmp_path, rows, over_rounds, elapsed=1.0)
@@ -31,7 +40,7 @@ def test_tiny_benchmark_pools_folds_per_client_and_does_not_redo_finished_runs(t
     assert (tmp_path / "personalization-0.png").stat().st_size > 0
 
     stamps = {name: (run / "summary.json").stat().st_mtime_ns for name, run in runs.items()}
-    run_all(plan, tmp_path, ["fedavg", "reptile"], cpus_per_client=1.0)
+    run_all(plan, tmp_path, ["fedavg", "reptile"], Execution())
     assert stamps == {name: (run / "summary.json").stat().st_mtime_ns for name, run in runs.items()}
 
 
