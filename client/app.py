@@ -113,7 +113,11 @@ def torch_device(context: Context) -> torch.device:
 
     A Jetson runs its adaptation on its GPU with ``cuda``; messages and checks stay on the host either way.
     """
-    name = str(context.node_config.get(TORCH_DEVICE_KEY, os.environ.get(TORCH_DEVICE_ENV, "cpu")))
+    return resolve_torch_device(str(context.node_config.get(TORCH_DEVICE_KEY, os.environ.get(TORCH_DEVICE_ENV, "cpu"))))
+
+
+def resolve_torch_device(name: str) -> torch.device:
+    """The torch device ``name`` names, if this machine has it; else a ``MetafleetError`` saying why not."""
     try:
         device = torch.device(name)
     except RuntimeError:

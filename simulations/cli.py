@@ -53,8 +53,11 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
     if backend not in BACKENDS:
         raise MetafleetError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if torch_device:
+        from metafleet.client.app import TORCH_DEVICE_ENV, resolve_torch_device
+
+        resolve_torch_device(torch_device)  # one clear error now, not one per device later
         # An environment variable reaches Ray's worker processes as well as this one.
-        os.environ["METAFLEET_TORCH_DEVICE"] = torch_device
+        os.environ[TORCH_DEVICE_ENV] = torch_device
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     from metafleet.client.app import app as client_app

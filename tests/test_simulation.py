@@ -110,6 +110,7 @@ def test_simulate_refuses_bad_input_with_exit_code_2(tmp_path):
         (["--inner-lr", "-1"], "config field 'inner_lr'"),
         (["--clients-per-round", "500", "--clients", "20"], "config field 'clients_per_round'"),
         (["--resume", str(tmp_path)], "not a run directory"),
+        (["--torch-device", "gpu0", "--out", str(tmp_path / "gpu0")], "not a device name torch knows"),
     ]:
         process = _metafleet("simulate", *args)
         output, _ = process.communicate(timeout=60)
