@@ -79,12 +79,20 @@ def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     if options["resume"]:
         run_dir = RunDirectory(Path(options["out-dir"]))
         config = run_dir.load_config()
+        run_dir.claim()
     else:
         config = RunConfig.from_run_config(run_config)
         out = options["out-dir"] or f"runs/{config.dataset}-{config.algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
         run_dir = RunDirectory(Path(out))
+        run_dir.claim()
         run_dir.create(config)
+    try:
+        return _train(grid, config, run_dir, options)
+    finally:
+        run_dir.release()
 
+
+def _train(grid: Grid, config: RunConfig, run_dir: RunDirectory, options: dict[str, Any]) -> dict[str, Any]:
     strategy = make_strategy(config, initial_params(config))
     start_round, wall_before = 1, 0.0
     if options["resume"]:

@@ -41,8 +41,29 @@ class RunDirectory:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
         self.metrics_file = self.path / "metrics.jsonl"
+        self._lock: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
+    def claim(self) -> None:
+        """Hold the directory's lock for as long as this process lives (or until ``release``): a second
+        run or resume of it would interleave its rows and checkpoints with this one's."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / ".lock", "a")  # noqa: SIM115 - held open on purpose: the lock lives with it
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise MetafleetError(f"{self.path} is in use by another metafleet process; wait for it or stop it "
+                                 "first") from None
+        self._lock = handle
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def create(self, config: RunConfig) -> None:
         if self.latest_checkpoint() is not None:
             raise MetafleetError(f"{self.path} already holds a run; resume it with --resume {self.path}")
