@@ -94,7 +94,7 @@ def client_command(argv: list[str]) -> int:
     args = client_parser().parse_args(argv)
     if "'" in str(args.data.resolve()):
         raise MetafleetError("the data folder's path must not contain a quote (')")
-    dataset, examples = check_data_in_child(args.data, args.client_id)
+    dataset, examples = check_data_in_child(args.data, args.client_id, args.torch_device)
     if args.insecure:
         print("metafleet client: WARNING: --insecure: no TLS and no device key; anyone on the network can read "
               "and impersonate. For local trials only.", file=sys.stderr)
@@ -180,11 +180,13 @@ def _venv_path() -> str:
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
-def check_data_in_child(folder: Path, client_id: int) -> tuple[str, int]:
+def check_data_in_child(folder: Path, client_id: int, torch_device: str | None = None) -> tuple[str, int]:
     """(data set, examples) of the device's data.npz, checked in a child process: this one stays for as long
-    as the device is in the fleet, and the check imports torch, which would stay resident (about 220 MB)."""
+    as the device is in the fleet, and the check imports torch, which would stay resident (about 220 MB).
+    The child also checks the torch device (``torch_device``, else $METAFLEET_TORCH_DEVICE), so a device
+    that cannot compute where it is told to stops before it joins the fleet."""
     result = subprocess.run([sys.executable, "-m", "metafleet.client.cli", "--check-data", str(folder),
-                             str(client_id)], capture_output=True, text=True, timeout=600)
+                             str(client_id), torch_device or ""], capture_output=True, text=True, timeout=600)
     lines = result.stdout.strip().splitlines()
     try:
         answer = json.loads(lines[-1])
@@ -195,10 +197,12 @@ def check_data_in_child(folder: Path, client_id: int) -> tuple[str, int]:
     return answer["dataset"], answer["examples"]
 
 
-def _check_data(folder: str, client_id: str) -> int:
+def _check_data(folder: str, client_id: str, torch_device: str) -> int:
+    from metafleet.client.app import TORCH_DEVICE_ENV, resolve_torch_device
     from metafleet.common.device_data import load_device_data
 
     try:
+        resolve_torch_device(torch_device or os.environ.get(TORCH_DEVICE_ENV, "cpu"))
         dataset, data = load_device_data(Path(folder), int(client_id))
     except MetafleetError as error:
         print(json.dumps({"error": str(error)}))
@@ -287,6 +291,6 @@ def app_server(runtime_api_address: str, supernode_pid: int) -> None:
 
 if __name__ == "__main__":  # the device's helper processes, started by client_command
     if sys.argv[1:2] == ["--check-data"]:
-        sys.exit(_check_data(sys.argv[2], sys.argv[3]))
+        sys.exit(_check_data(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1:2] == ["--app-server"]:
         app_server(sys.argv[2], int(sys.argv[3]))

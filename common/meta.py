@@ -99,6 +99,11 @@ class FunctionalModel:
         return float(self.objective.metric(self.forward(params, x), y))
 
 
+def params_device(params: Params) -> torch.device:
+    """The device parameters live on (all on one: the client moves θ as a whole)."""
+    return next(iter(params.values())).device
+
+
 def _detached(params: Params) -> Params:
     return {name: t.detach() for name, t in params.items()}
 
@@ -208,7 +213,7 @@ def maml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps
 
     # cuDNN's fused RNN kernels have no double backward: on a GPU an LSTM's second-order step runs unfused.
     # (flags() resets every cuDNN setting, TF32 included, so it is entered only where needed.)
-    unfused = fmodel.has_rnn and next(iter(params.values())).is_cuda
+    unfused = fmodel.has_rnn and params_device(params).type == "cuda"
     with torch.backends.cudnn.flags(enabled=False) if unfused else contextlib.nullcontext():
         meta_grad, query_loss = grad_and_value(query_loss_after_adaptation)(_detached(params))
     return LocalUpdate(

@@ -20,6 +20,7 @@ from metafleet.common.meta import (
     Params,
     guarded_curve,
     local_update,
+    params_device,
     personalization_curve,
 )
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
@@ -45,7 +46,7 @@ def client_train(
 
     The episode goes to the device ``params`` live on (a Jetson's GPU, say); the data stays where it is."""
     episode = client.sample_episode(rng, config.training_shots, config.query_shots, config.ways or None)
-    episode = episode.to(next(iter(params.values())).device)
+    episode = episode.to(params_device(params))
     return local_update(config.algorithm, fmodel, params, episode, config.inner_steps, config.inner_lr)
 
 
@@ -55,7 +56,7 @@ def client_personalization(
     """The client's query metric after each of ``config.eval_steps`` adaptation steps, mean over its episodes:
     (plain curve, the curve with the personalization guard deciding on the device whether to adapt)."""
     plain, guarded = [], []
-    device = next(iter(params.values())).device
+    device = params_device(params)
     for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None, config.eval_episodes):
         episode = episode.to(device)
         curve = personalization_curve(

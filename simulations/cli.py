@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from metafleet.common.cli_options import add_learning_arguments, config_from_arguments
@@ -47,17 +49,33 @@ def simulate_command(argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """``name=value`` in this process's environment for the block (nothing when value is None), then as before:
+    a later run in the same process must not inherit it."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client: float = 1.0,
              verbose: bool = False, backend: str = "ray", torch_device: str | None = None) -> dict:
     """Run the fleet in this process; returns summary.json's content."""
     if backend not in BACKENDS:
         raise MetafleetError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if torch_device:
-        from metafleet.client.app import TORCH_DEVICE_ENV, resolve_torch_device
+    from metafleet.client.app import TORCH_DEVICE_ENV, TORCH_DEVICE_KEY, resolve_torch_device
 
+    if torch_device:
         resolve_torch_device(torch_device)  # one clear error now, not one per device later
-        # An environment variable reaches Ray's worker processes as well as this one.
-        os.environ[TORCH_DEVICE_ENV] = torch_device
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     from metafleet.client.app import app as client_app
@@ -69,8 +87,10 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
         from metafleet.server.app import app as server_app
         from metafleet.simulations.engine import run_in_simulation
 
-        run_in_simulation(server_app, client_app, run_config, num_supernodes=config.clients,
-                          cpus_per_client=cpus_per_client, verbose=verbose)
+        # Ray builds its devices' node configs itself; its workers inherit this process's environment.
+        with _environment(TORCH_DEVICE_ENV, torch_device):
+            run_in_simulation(server_app, client_app, run_config, num_supernodes=config.clients,
+                              cpus_per_client=cpus_per_client, verbose=verbose)
     else:
         from metafleet.server.app import run_meta_training
         from metafleet.simulations.inprocess import InProcessGrid, device_contexts
@@ -78,7 +98,8 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
         if not verbose:  # every device's per-message timing line would share this console
             logging.getLogger("metafleet.client").setLevel(logging.ERROR)
         # The ServerApp's own entry point on a grid whose devices are the ClientApp in this process.
-        grid = InProcessGrid(client_app, device_contexts(config.to_run_config(), range(config.clients)))
+        node_config = {TORCH_DEVICE_KEY: torch_device} if torch_device else None
+        grid = InProcessGrid(client_app, device_contexts(config.to_run_config(), range(config.clients), node_config))
         run_meta_training(grid, run_config)
     summary_file = out / "summary.json"
     if not summary_file.is_file():

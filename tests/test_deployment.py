@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from metafleet.common.config import RunConfig
 from metafleet.common.device_data import load_device_data, save_device_data
-from metafleet.common.errors import DataError
+from metafleet.common.errors import DataError, MetafleetError
 from metafleet.common.fleets import fleet_class
 from metafleet.server.certs import make_certificates
 from tests.processes import free_port, kill_groups, left_after, processes_with
@@ -77,6 +77,21 @@ def test_device_data_round_trips_and_bad_files_are_named(tmp_path):
     np.savez(tmp_path / "lacking" / "data.npz", **{k: v for k, v in arrays.items() if k != "query_y"})
     with pytest.raises(DataError, match="query_y"):
         load_device_data(tmp_path / "lacking")
+
+
+def test_a_client_told_to_compute_where_it_cannot_stops_before_joining(tmp_path, monkeypatch):
+    from metafleet.client.cli import check_data_in_child
+
+    config = RunConfig.resolve(dataset="watch")
+    save_device_data(tmp_path / "device", "watch", fleet_class("watch").build(config, held_out=[]).client(4))
+    _, data = load_device_data(tmp_path / "device", client_id=4)
+    examples = sum(len(split.support[0]) + len(split.query[0]) for split in data.splits)
+    assert check_data_in_child(tmp_path / "device", 4, "cpu") == ("watch", examples)
+    with pytest.raises(MetafleetError, match="'gpu0'.*not a device name torch knows"):
+        check_data_in_child(tmp_path / "device", 4, "gpu0")
+    monkeypatch.setenv("METAFLEET_TORCH_DEVICE", "gpu0")  # the service's way: client.env
+    with pytest.raises(MetafleetError, match="'gpu0'.*not a device name torch knows"):
+        check_data_in_child(tmp_path / "device", 4)
 
 
 @pytest.mark.slow

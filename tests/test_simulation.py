@@ -126,7 +126,8 @@ def test_inprocess_backend_gives_the_ray_backends_results(tmp_path):
                                clients_per_round=4, rounds=3, eval_every=3, seed=5)
     results = {}
     for backend in ("ray", "inprocess"):
-        summary = simulate(config, tmp_path / backend, backend=backend)
+        summary = simulate(config, tmp_path / backend, backend=backend, torch_device="cpu")
+        assert "METAFLEET_TORCH_DEVICE" not in os.environ  # a later run in this process must not inherit it
         rows = [json.loads(line) for line in (tmp_path / backend / "metrics.jsonl").read_text().splitlines()]
         final = [row for row in rows if row["phase"] == "evaluate"][-1]
         by_client = dict(zip(final["client-ids"], final["clients-step-5"], strict=True))
