@@ -32,7 +32,7 @@ from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
 from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
-from metafleet.common.fleets import fleet_class, make_fleet, split_clients
+from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel, check_update, global_norm
 from metafleet.common.privacy import clip_to_norm, clip_values
 from metafleet.common.records import from_array_record, to_array_record
@@ -98,8 +98,7 @@ def _fleet(config: RunConfig) -> Fleet:
 
 @lru_cache(maxsize=4)
 def _functional_model(config: RunConfig, device: torch.device = CPU) -> FunctionalModel:
-    fleet = fleet_class(config.dataset)  # the class alone: a deployed device has no built-in data set
-    return FunctionalModel(fleet.make_model(config.ways).to(device), fleet.objective)
+    return functional_model(config, device)  # built from the class alone: a deployed device has no data set
 
 
 @lru_cache(maxsize=4)

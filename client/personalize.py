@@ -23,7 +23,7 @@ import torch
 from metafleet.common.config import RunConfig
 from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
-from metafleet.common.fleets import fleet_class
+from metafleet.common.fleets import fleet_class, functional_model
 from metafleet.common.meta import FunctionalModel, adapt, check_update, keeps_adaptation
 
 FORMAT = "metafleet-personal-model-1"
@@ -69,18 +69,20 @@ def personalize_command(argv: list[str]) -> int:
     dataset, data = load_device_data(args.data)
     if dataset != config.dataset:
         raise DataError(f"the device's data is for '{dataset}', the meta-model was trained on '{config.dataset}'")
-    fleet = fleet_class(config.dataset)
-    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective)
+    fmodel = functional_model(config)
     try:
         check_update(params, fmodel.init_params())
     except ValueError as error:
         raise MetafleetError(f"the checkpoint does not fit the {config.dataset} model: {error}") from None
     inner_lr = args.inner_lr or config.inner_lr
     split = data.splits[0]
-    adapted = adapt(fmodel, params, split.support, args.steps, inner_lr) if args.steps else params
-    before, after = (fmodel.metric(p, split.query) for p in (params, adapted))
+    # With prototype heads the unadapted model already reads the support set (its class means).
+    with torch.no_grad():
+        unadapted = fmodel.start(params, split.support)
+    adapted = adapt(fmodel, unadapted, split.support, args.steps, inner_lr) if args.steps else unadapted
+    before, after = (fmodel.metric(p, split.query) for p in (unadapted, adapted))
     kept = args.no_guard or args.steps == 0 or keeps_adaptation(fmodel, params, split.support, args.steps, inner_lr)
-    chosen = adapted if kept else params
+    chosen = adapted if kept else unadapted
     name = fmodel.objective.metric_name
     decision = ("kept the adapted model" if kept
                 else "the guard kept the meta-model (adaptation did not help on the support set)")

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metafleet.common.errors import ConfigError
-from metafleet.common.meta import ALGORITHMS
+from metafleet.common.meta import ALGORITHMS, HEAD_INITS
 from metafleet.common.optim import OUTER_OPTIMIZERS
 
 DATASETS = ("sinusoid", "watch", "omniglot", "fashion-mnist", "shakespeare")
+# Whose models are head(features(x)) classifiers (Shakespeare's head reads every time step of an LSTM).
+PROTOTYPE_DATASETS = ("watch", "omniglot", "fashion-mnist")
 # Run-config keys for the server process only (where to write, whether to resume), with their defaults;
 # devices ignore them.
 SERVER_OPTION_DEFAULTS = {"out-dir": "", "resume": False, "node-wait-seconds": 120.0, "round-timeout": 600.0}
@@ -32,6 +34,7 @@ class DatasetDefaults:
     ways: int = 0
     eval_episodes: int = 1
     train_shots: int = 0
+    head_init: str = "learned"
 
 
 # Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
@@ -76,6 +79,11 @@ class RunConfig:
     # Support examples per class in meta-training episodes (0: ``shots``). Evaluation always adapts on
     # ``shots``: Reptile's authors train 1-shot Omniglot models on 10-shot episodes (``--train-shots``).
     train_shots: int = 0
+    # Where adaptation starts: "learned" (θ as it is) or "prototypes" (θ with its linear head set from the
+    # support set's class means, Proto-MAML's head; for N-way episodes, whose labels mean nothing across
+    # episodes, so a learned head can only start at chance). Opt-in: it wants a far smaller inner lr (0.001 on
+    # Omniglot, by the training clients' query loss) than the learned head's defaults.
+    head_init: str = ""
     eval_every: int = 10
     eval_steps: tuple[int, ...] = field(default_factory=tuple)
     min_replies: int = 1
@@ -128,6 +136,7 @@ class RunConfig:
             "ways": defaults.ways,
             "eval_episodes": defaults.eval_episodes,
             "train_shots": defaults.train_shots,
+            "head_init": defaults.head_init,
             "outer_optimizer": ALGORITHM_OUTER_OPTIMIZER[algorithm],
         }
         filled.update(given)
@@ -177,6 +186,9 @@ class RunConfig:
         _require(self, "shots", self.shots >= 1, "must be >= 1")
         _require(self, "query_shots", self.query_shots >= 1, "must be >= 1")
         _require(self, "train_shots", self.train_shots >= 0, "must be >= 0 (0: the same as shots)")
+        _require(self, "head_init", self.head_init in HEAD_INITS, f"must be one of {list(HEAD_INITS)}")
+        _require(self, "head_init", self.head_init != "prototypes" or self.dataset in PROTOTYPE_DATASETS,
+                 f"'prototypes' needs a classifier with a linear head: one of {list(PROTOTYPE_DATASETS)}")
         _require(self, "eval_every", self.eval_every >= 1, "must be >= 1")
         steps = list(self.eval_steps)
         _require(self, "eval_steps", bool(steps) and steps[0] == 0 and steps == sorted(set(steps)),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import Fleet, held_out_client_ids
 from metafleet.common.errors import ConfigError
+from metafleet.common.meta import FunctionalModel
 
 
 def fleet_class(dataset: str) -> type[Fleet]:
@@ -40,6 +42,12 @@ def make_fleet(config: RunConfig) -> Fleet:
 def make_model(config: RunConfig) -> nn.Module:
     """The run's model, built without reading any data (the server has none)."""
     return fleet_class(config.dataset).make_model(config.ways)
+
+
+def functional_model(config: RunConfig, device: torch.device | str = "cpu") -> FunctionalModel:
+    """The run's model as the meta-learning core uses it, with the run's head initialization."""
+    fleet = fleet_class(config.dataset)
+    return FunctionalModel(fleet.make_model(config.ways).to(device), fleet.objective, config.head_init)
 
 
 def split_clients(config: RunConfig) -> tuple[list[int], list[int]]:

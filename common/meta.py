@@ -70,18 +70,40 @@ class Episode:
         return Episode(tuple(t.to(device) for t in self.support), tuple(t.to(device) for t in self.query))
 
 
+HEAD_INITS = ("learned", "prototypes")
+# Logit bias of a class the support set lacks (a client with fewer classes than the head has outputs):
+# finite, so updates and personal models stay checkable, and far below any real logit.
+_ABSENT_CLASS_BIAS = -1e9
+
+
 class FunctionalModel:
     """An ``nn.Module`` seen as a pure function ``f(params, x)``.
 
     The module's own tensors are never changed. Buffers are passed as constants, so norms should not track
     running statistics (the bundled models use GroupNorm, which also behaves on 5-example support sets).
+
+    ``head_init`` says where adaptation on a support set starts: ``"learned"``, from θ as it is;
+    ``"prototypes"``, from θ with its linear head replaced by the support set's class prototypes
+    (``prototype_head``). The second needs a classifier built as ``head(features(x))``.
     """
 
-    def __init__(self, module: nn.Module, objective: Objective):
+    def __init__(self, module: nn.Module, objective: Objective, head_init: str = "learned"):
         self.module = module
         self.objective = objective
         self.buffers: Params = {name: b.detach() for name, b in module.named_buffers()}
         self.has_rnn = any(isinstance(m, nn.RNNBase) for m in module.modules())
+        if head_init not in HEAD_INITS:
+            raise ConfigError("head_init", head_init, f"must be one of {list(HEAD_INITS)}")
+        if head_init == "prototypes" and not (
+            objective.higher_is_better
+            and isinstance(getattr(module, "features", None), nn.Module)
+            and isinstance(getattr(module, "head", None), nn.Linear)
+        ):
+            raise ConfigError("head_init", head_init,
+                              f"needs a classifier built as head(features(x)); {type(module).__name__} is not one")
+        self.head_init = head_init
+        # The parameters a prototype head replaces: θ's values for them are never used, nor updated.
+        self.replaced = frozenset({"head.weight", "head.bias"} if head_init == "prototypes" else ())
 
     def init_params(self) -> Params:
         return {name: p.detach().clone() for name, p in self.module.named_parameters()}
@@ -97,6 +119,38 @@ class FunctionalModel:
     def metric(self, params: Params, batch: Batch) -> float:
         x, y = batch
         return float(self.objective.metric(self.forward(params, x), y))
+
+    def embed(self, params: Params, x: Tensor) -> Tensor:
+        """``features(x)``: the input to the linear head."""
+        prefix = "features."
+        own = {name[len(prefix):]: t for name, t in {**params, **self.buffers}.items() if name.startswith(prefix)}
+        return functional_call(self.module.features, own, (x,), strict=True)
+
+    def start(self, params: Params, support: Batch) -> Params:
+        """The parameters adaptation on ``support`` starts from (see ``head_init``); differentiable in θ."""
+        return prototype_head(self, params, support) if self.head_init == "prototypes" else params
+
+    def without_replaced(self, update: Params) -> Params:
+        """``update`` with zeros for the parameters a prototype head replaces (θ's values there do nothing)."""
+        return {name: torch.zeros_like(t) if name in self.replaced else t for name, t in update.items()}
+
+
+def prototype_head(fmodel: FunctionalModel, params: Params, support: Batch) -> Params:
+    """θ with its linear head set from the support set's class means in feature space (prototypes ``c_k``):
+    weight ``2 c_k``, bias ``-|c_k|²``, so logits rank classes as ProtoNets' ``-|f(x) - c_k|²`` does (Snell et
+    al., NeurIPS 2017). Adaptation then fine-tunes from a classifier that already uses the support set:
+    Proto-MAML (Triantafillou et al., "Meta-Dataset", ICLR 2020). Labels are ``0..ways-1``; a class the support
+    set lacks gets a logit that never wins. Written without data-dependent shapes, so it is differentiable
+    (MAML, FOMAML's gradient through the prototypes) and runs under ``torch.func``.
+    """
+    x, y = support
+    embeddings = fmodel.embed(params, x)
+    ways = params["head.weight"].shape[0]
+    members = F.one_hot(y, ways).to(embeddings.dtype)  # (examples, ways)
+    counts = members.sum(0)
+    prototypes = (members.T @ embeddings) / counts.clamp(min=1).unsqueeze(1)
+    bias = torch.where(counts > 0, -(prototypes**2).sum(1), torch.full_like(counts, _ABSENT_CLASS_BIAS))
+    return {**params, "head.weight": 2 * prototypes, "head.bias": bias}
 
 
 def params_device(params: Params) -> torch.device:
@@ -182,12 +236,14 @@ def fedavg_update(fmodel: FunctionalModel, params: Params, episode: Episode, ste
 
 def reptile_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
     """Reptile (Nichol, Achiam & Schulman, arXiv:1803.02999): ``steps`` SGD steps on support; ``g = θ − θ'``."""
-    adapted = adapt(fmodel, params, episode.support, steps, lr)
+    with torch.no_grad():
+        start = fmodel.start(_detached(params), episode.support)
+    adapted = adapt(fmodel, start, episode.support, steps, lr)
     return LocalUpdate(
-        _difference(params, adapted),
+        fmodel.without_replaced(_difference(start, adapted)),
         episode.num_examples,
         {
-            "loss-before": float(fmodel.loss(params, episode.query)),
+            "loss-before": float(fmodel.loss(start, episode.query)),
             "loss-after": float(fmodel.loss(adapted, episode.query)),
         },
     )
@@ -195,31 +251,56 @@ def reptile_update(fmodel: FunctionalModel, params: Params, episode: Episode, st
 
 def fomaml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
     """First-order MAML (Finn et al., ICML 2017, sec. 5.2): the query gradient at the adapted parameters."""
-    adapted = adapt(fmodel, params, episode.support, steps, lr)
-    # Eager autograd, as in the inner loop: torch.func's transform cannot run cuDNN's LSTM on a GPU.
-    query_grad, query_loss = _first_order_grad_and_loss(fmodel, adapted, episode.query)
+    with torch.no_grad():
+        start = fmodel.start(_detached(params), episode.support)
+    adapted = adapt(fmodel, start, episode.support, steps, lr)
+    if fmodel.replaced:
+        query_grad, query_loss = _first_order_prototype_grad_and_loss(fmodel, adapted, episode)
+    else:
+        # Eager autograd, as in the inner loop: torch.func's transform cannot run cuDNN's LSTM on a GPU.
+        query_grad, query_loss = _first_order_grad_and_loss(fmodel, adapted, episode.query)
     return LocalUpdate(
         query_grad,
         episode.num_examples,
-        {"loss-before": float(fmodel.loss(params, episode.query)), "loss-after": float(query_loss)},
+        {"loss-before": float(fmodel.loss(start, episode.query)), "loss-after": float(query_loss)},
     )
+
+
+def _first_order_prototype_grad_and_loss(
+    fmodel: FunctionalModel, adapted: Params, episode: Episode
+) -> tuple[Params, Tensor]:
+    """FOMAML's query gradient where the head starts from prototypes: the head's value is the adapted one,
+    but its gradient also flows back through the prototypes into the features, as in fo-Proto-MAML
+    (Triantafillou et al., 2020). First order: the prototypes are taken at the adapted features. With 0
+    inner steps this is exactly the ProtoNet loss's gradient."""
+    with torch.enable_grad():
+        leaves = {name: p.detach().requires_grad_(name not in fmodel.replaced) for name, p in adapted.items()}
+        prototypes = prototype_head(fmodel, leaves, episode.support)
+        head = {name: prototypes[name] + (adapted[name] - prototypes[name]).detach() for name in fmodel.replaced}
+        loss = fmodel.loss({**leaves, **head}, episode.query)
+        trained = [name for name in leaves if name not in fmodel.replaced]
+        grads = dict(zip(trained, torch.autograd.grad(loss, [leaves[name] for name in trained]), strict=True))
+    return fmodel.without_replaced({name: grads.get(name, adapted[name]) for name in adapted}), loss.detach()
 
 
 def maml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
     """MAML (Finn, Abbeel & Levine, ICML 2017): the exact second-order meta-gradient through ``steps`` steps."""
 
     def query_loss_after_adaptation(theta: Params) -> Tensor:
-        return fmodel.loss(adapt(fmodel, theta, episode.support, steps, lr, differentiable=True), episode.query)
+        start = fmodel.start(theta, episode.support)
+        return fmodel.loss(adapt(fmodel, start, episode.support, steps, lr, differentiable=True), episode.query)
 
     # cuDNN's fused RNN kernels have no double backward: on a GPU an LSTM's second-order step runs unfused.
     # (flags() resets every cuDNN setting, TF32 included, so it is entered only where needed.)
     unfused = fmodel.has_rnn and params_device(params).type == "cuda"
     with torch.backends.cudnn.flags(enabled=False) if unfused else contextlib.nullcontext():
         meta_grad, query_loss = grad_and_value(query_loss_after_adaptation)(_detached(params))
+    with torch.no_grad():
+        loss_before = float(fmodel.loss(fmodel.start(params, episode.support), episode.query))
     return LocalUpdate(
-        _detached(meta_grad),
+        fmodel.without_replaced(_detached(meta_grad)),
         episode.num_examples,
-        {"loss-before": float(fmodel.loss(params, episode.query)), "loss-after": float(query_loss)},
+        {"loss-before": loss_before, "loss-after": float(query_loss)},
     )
 
 
@@ -259,7 +340,8 @@ def personalization_curve(
     if not steps or steps[0] != 0 or list(steps) != sorted(set(steps)):
         raise ConfigError("eval_steps", list(steps), "must be strictly increasing and start at 0")
     curve = []
-    adapted, done = _detached(params), 0
+    with torch.no_grad():
+        adapted, done = fmodel.start(_detached(params), support), 0
     for target in steps:
         adapted = adapt(fmodel, adapted, support, target - done, inner_lr)
         done = target
@@ -323,11 +405,13 @@ def guard_decisions(
     for held in folds:
         keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
         keep[held] = False
-        held_batch = (x[held], y[held])
-        base_loss += float(fmodel.loss(params, held_batch)) * len(held)
-        adapted, done = params, 0
+        held_batch, rest = (x[held], y[held]), (x[keep], y[keep])
+        with torch.no_grad():
+            unadapted = fmodel.start(params, rest)
+        base_loss += float(fmodel.loss(unadapted, held_batch)) * len(held)
+        adapted, done = unadapted, 0
         for index, target in enumerate(steps):
-            adapted = adapt(fmodel, adapted, (x[keep], y[keep]), target - done, inner_lr)
+            adapted = adapt(fmodel, adapted, rest, target - done, inner_lr)
             done = target
             adapted_loss[index] += float(fmodel.loss(adapted, held_batch)) * len(held)
     return [step == 0 or loss < base_loss for step, loss in zip(steps, adapted_loss, strict=True)]

@@ -84,7 +84,7 @@ def meta_train_centralized(
     A reference for tests and for checking that the federated path changes nothing.
     """
     torch.manual_seed(config.seed)
-    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective)
+    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective, config.head_init)
     params = fmodel.init_params()
     optimizer: OuterOptimizer = make_outer_optimizer(config.outer_optimizer, config.outer_lr)
     rng = np.random.default_rng(config.seed)

@@ -31,8 +31,8 @@ from flwr.app import ConfigRecord
 
 from metafleet.client import app as client_module
 from metafleet.common.config import RunConfig
-from metafleet.common.fleets import make_fleet, split_clients
-from metafleet.common.meta import FunctionalModel, global_norm
+from metafleet.common.fleets import functional_model, make_fleet, split_clients
+from metafleet.common.meta import global_norm
 from metafleet.common.records import to_array_record
 from metafleet.common.training import client_train, weighted_mean
 from metafleet.server.app import initial_params
@@ -118,7 +118,7 @@ def _relative_error(config: RunConfig, theta, strategy, partition_of: list[int])
     """‖aggregate − plaintext mean‖ / ‖plaintext mean‖ for round 1, the aggregate read back from θ (outer
     SGD with step 1 moves θ by exactly the aggregate)."""
     fleet = make_fleet(config)
-    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective)
+    fmodel = functional_model(config)
     cache = {}
     for cid in set(partition_of):
         rng = np.random.default_rng([config.seed, 1, cid])

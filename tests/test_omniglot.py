@@ -192,7 +192,7 @@ def test_training_episodes_take_train_shots_and_evaluation_takes_shots():
 
     config = RunConfig.resolve(dataset="omniglot", algorithm="reptile", inner_steps=1)
     fleet = OmniglotFleet.build(config, [2, 7])
-    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective)
+    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective, config.head_init)
     update = client_train(fmodel, fmodel.init_params(), fleet.client(0), config, np.random.default_rng(0))
     assert update.num_examples == (5 + 5) * 5 == OmniglotFleet.episode_examples(config)
     evaluation = fleet.client(2).evaluation_episodes(config.shots, config.seed, config.ways, per_split=1)
