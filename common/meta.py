@@ -280,7 +280,7 @@ def _first_order_prototype_grad_and_loss(
         loss = fmodel.loss({**leaves, **head}, episode.query)
         trained = [name for name in leaves if name not in fmodel.replaced]
         grads = dict(zip(trained, torch.autograd.grad(loss, [leaves[name] for name in trained]), strict=True))
-    return fmodel.without_replaced({name: grads.get(name, adapted[name]) for name in adapted}), loss.detach()
+    return fmodel.without_replaced({**adapted, **grads}), loss.detach()
 
 
 def maml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:

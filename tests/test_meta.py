@@ -20,14 +20,7 @@ from metafleet.common.meta import (
     personalization_curve,
 )
 
-
-@pytest.fixture(autouse=True)
-def _double_precision():
-    # The comparisons below are about the math, not float32 rounding.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("double_precision")
 
 
 def _small_mlp() -> nn.Module:

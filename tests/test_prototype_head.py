@@ -18,13 +18,7 @@ from metafleet.common.meta import (
     prototype_head,
 )
 
-
-@pytest.fixture(autouse=True)
-def _double_precision():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("double_precision")
 
 
 class _Classifier(nn.Module):
