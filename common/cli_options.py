@@ -26,7 +26,8 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
                         help="support examples per class in training episodes (default: --shots, used in evaluation)")
     parser.add_argument("--head-init", choices=["learned", "prototypes"],
                         help="where adaptation starts: the learned head, or one set from the support set's class "
-                        "prototypes (Proto-MAML; use a small --inner-lr such as 0.001)")
+                        "prototypes (Proto-MAML; wants a small --inner-lr such as 0.001). Default: prototypes for "
+                        "omniglot's meta methods (with inner and outer lr 0.001), learned otherwise")
     parser.add_argument("--ways", type=int, help="classes per episode (0: all of the client's classes)")
     parser.add_argument("--fold", type=int, help="which block of clients is held out (folds cover every client)")
     parser.add_argument("--eval-every", type=int, help="personalization evaluation every E rounds")

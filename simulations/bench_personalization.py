@@ -5,8 +5,8 @@ Every number comes from real federated runs on Flower's Simulation Engine, throu
 methods compared, all with the same client compute (``inner_steps`` local steps on ``shots`` examples):
 
 - ``fedavg``: the FedAvg model, used as it is (0 adaptation steps);
-- ``fedavg+ft``: the FedAvg model fine-tuned on the device's support set (same steps and inner lr as the
-  meta methods use for adaptation);
+- ``fedavg+ft``: the FedAvg model fine-tuned on the device's support set (the same steps; the dataset's inner
+  lr, which is the meta methods' too except where they start from prototype heads, as on Omniglot);
 - ``local-only``: the untrained initialization trained on the support set alone (round 0 of the runs);
 - ``reptile``, ``fomaml``, ``maml``: the meta-learned initialization, adapted;
 - ``+guard`` rows: the same devices, each keeping its adapted model only when cross-validation on its own
@@ -293,6 +293,8 @@ def personalization_command(argv: list[str]) -> int:
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (fedavg is required)")
     parser.add_argument("--settings", help="comma-separated indexes of the plan's settings to run (default: all)")
     parser.add_argument("--rounds", type=int, help="training rounds of every run (default: the plan's)")
+    parser.add_argument("--eval-every", type=int,
+                        help="rounds between held-out evaluations (default: the plan's, or a tenth of --rounds)")
     parser.add_argument("--backend", choices=BACKENDS, default="ray",
                         help="ray: Flower's Simulation Engine (default); inprocess: the same apps without Ray")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
@@ -319,6 +321,10 @@ def personalization_command(argv: list[str]) -> int:
         # Ten points on the curve over rounds, whatever the length.
         plan = dataclasses.replace(plan, rounds=args.rounds,
                                    common={**plan.common, "eval_every": max(1, args.rounds // 10)})
+    if args.eval_every is not None:
+        if args.eval_every < 1:
+            raise MetafleetError(f"--eval-every must be >= 1, got {args.eval_every}")
+        plan = dataclasses.replace(plan, common={**plan.common, "eval_every": args.eval_every})
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     execution = Execution(args.backend, args.cpus_per_client, args.torch_device, args.jobs)

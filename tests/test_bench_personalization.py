@@ -49,3 +49,5 @@ def test_bench_command_rejects_unknown_names_and_algorithm_lists(tmp_path):
         bench_command(["speed"])
     with pytest.raises(MetafleetError, match="must list fedavg"):
         bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--algorithms", "maml"])
+    with pytest.raises(MetafleetError, match="--eval-every must be >= 1"):
+        bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--eval-every", "0"])

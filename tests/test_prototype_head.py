@@ -126,5 +126,21 @@ def test_prototype_heads_need_a_head_on_features():
         RunConfig.resolve(dataset="shakespeare", head_init="prototypes")
     with pytest.raises(ConfigError, match="head_init"):
         RunConfig.resolve(dataset="omniglot", head_init="nearest")
-    assert RunConfig.resolve(dataset="omniglot").head_init == "learned"
-    assert RunConfig.resolve(dataset="omniglot", head_init="prototypes").head_init == "prototypes"
+    assert RunConfig.resolve(dataset="watch", head_init="prototypes").head_init == "prototypes"
+
+
+def test_omniglot_meta_methods_default_to_prototype_heads_with_their_inner_lr():
+    meta = RunConfig.resolve(dataset="omniglot", algorithm="fomaml")
+    assert (meta.head_init, meta.inner_lr, meta.outer_optimizer, meta.outer_lr) == ("prototypes", 0.001, "adam", 0.001)
+    assert RunConfig.resolve(dataset="omniglot", algorithm="fomaml", outer_optimizer="sgd").outer_lr == 1.0
+    # FedAvg trains a head whose labels mean nothing across episodes; it keeps the learned head and its lr.
+    fedavg = RunConfig.resolve(dataset="omniglot", algorithm="fedavg")
+    assert (fedavg.head_init, fedavg.inner_lr) == ("learned", 0.1)
+    learned = RunConfig.resolve(dataset="omniglot", algorithm="reptile", head_init="learned")
+    assert (learned.inner_lr, learned.outer_lr) == (0.1, 0.01)
+    assert RunConfig.resolve(dataset="omniglot", algorithm="reptile", inner_lr=0.01).inner_lr == 0.01
+    assert RunConfig.resolve(dataset="watch", algorithm="reptile").head_init == "learned"
+    # A run directory from before head_init existed resumes as it was trained: learned head.
+    old = {k: v for k, v in RunConfig.resolve(dataset="omniglot", algorithm="reptile", head_init="learned",
+                                               inner_lr=0.1).to_dict().items() if k != "head_init"}
+    assert RunConfig.from_dict(old).head_init == "learned"
