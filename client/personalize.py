@@ -88,7 +88,7 @@ def personalize_command(argv: list[str]) -> int:
                 else "the guard kept the meta-model (adaptation did not help on the support set)")
     print(f"query {name}: {before:.4f} before, {after:.4f} after {args.steps} steps; {decision}", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "dataset": config.dataset, "ways": config.ways, "steps": args.steps,
+    torch.save({"format": FORMAT, "dataset": config.dataset, "ways": config.head_ways, "steps": args.steps,
                 "inner_lr": inner_lr, "adapted": kept, "query_metric": {"name": name, "before": before,
                                                                         "after": after},
                 "params": {k: v.detach().clone() for k, v in chosen.items()}}, args.out)

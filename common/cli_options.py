@@ -29,6 +29,8 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
                         "prototypes (Proto-MAML; wants a small --inner-lr such as 0.001). Default: prototypes for "
                         "omniglot's meta methods (with inner and outer lr 0.001), learned otherwise")
     parser.add_argument("--ways", type=int, help="classes per episode (0: all of the client's classes)")
+    parser.add_argument("--train-ways", type=int,
+                        help="classes per training episode (default: --ways; 20 for omniglot's prototype heads)")
     parser.add_argument("--fold", type=int, help="which block of clients is held out (folds cover every client)")
     parser.add_argument("--eval-every", type=int, help="personalization evaluation every E rounds")
     parser.add_argument("--eval-steps", help="comma-separated adaptation steps to report, from 0")

@@ -35,10 +35,11 @@ class DatasetDefaults:
     eval_episodes: int = 1
     train_shots: int = 0
     # Where the meta methods' adaptation starts (fedavg always keeps its learned head), and the inner and
-    # Adam server lrs that go with a prototype head (0: the usual defaults).
+    # Adam server lrs and training ways that go with a prototype head (0: the usual defaults).
     meta_head_init: str = "learned"
     prototype_inner_lr: float = 0.0
     prototype_outer_lr: float = 0.0
+    prototype_train_ways: int = 0
 
 
 # Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
@@ -47,7 +48,7 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
     "watch": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=10, held_out_clients=2),
     "omniglot": DatasetDefaults(1, 5, 0.1, (0, 1, 5, 10), clients=8, held_out_clients=2, ways=5, eval_episodes=10,
                                 train_shots=5, meta_head_init="prototypes", prototype_inner_lr=0.001,
-                                prototype_outer_lr=0.001),
+                                prototype_outer_lr=0.001, prototype_train_ways=20),
     "fashion-mnist": DatasetDefaults(20, 20, 0.05, (0, 1, 5), clients=100, held_out_clients=10),
     "shakespeare": DatasetDefaults(16, 16, 0.8, (0, 1, 5), clients=100, held_out_clients=10),
 }
@@ -90,6 +91,10 @@ class RunConfig:
     # far smaller inner lr it wants (0.001, by the training clients' query loss; 0.1 breaks it) and an Adam
     # server lr of 0.001 (chosen on fold 2, which the benchmark does not report).
     head_init: str = ""
+    # Classes per training episode (0: ``ways``). ProtoNets train on more ways than they are tested on
+    # (Snell et al. 2017); the model's head gets max(ways, train_ways) outputs, and a prototype head leaves
+    # the rows of classes an episode lacks out of the prediction.
+    train_ways: int = 0
     eval_every: int = 10
     eval_steps: tuple[int, ...] = field(default_factory=tuple)
     min_replies: int = 1
@@ -146,8 +151,11 @@ class RunConfig:
             "outer_optimizer": ALGORITHM_OUTER_OPTIMIZER[algorithm],
         }
         filled.update(given)
-        if "inner_lr" not in given and filled["head_init"] == "prototypes" and defaults.prototype_inner_lr:
-            filled["inner_lr"] = defaults.prototype_inner_lr
+        if filled["head_init"] == "prototypes":
+            if "inner_lr" not in given and defaults.prototype_inner_lr:
+                filled["inner_lr"] = defaults.prototype_inner_lr
+            if "train_ways" not in given and filled["ways"] <= defaults.prototype_train_ways:
+                filled["train_ways"] = defaults.prototype_train_ways
         if "held_out_clients" not in given:
             filled["held_out_clients"] = (
                 defaults.held_out_clients
@@ -197,6 +205,12 @@ class RunConfig:
         _require(self, "shots", self.shots >= 1, "must be >= 1")
         _require(self, "query_shots", self.query_shots >= 1, "must be >= 1")
         _require(self, "train_shots", self.train_shots >= 0, "must be >= 0 (0: the same as shots)")
+        _require(self, "train_ways", self.train_ways == 0 or (self.ways >= 2 and self.train_ways >= self.ways),
+                 "must be 0 (the same as ways) or >= ways, and needs ways >= 2")
+        _require(self, "train_ways", self.train_ways == 0 or self.train_ways == self.ways
+                 or self.head_init == "prototypes",
+                 "can exceed ways only with head_init 'prototypes' (a learned head would score classes an "
+                 "evaluation episode lacks)")
         _require(self, "head_init", self.head_init in HEAD_INITS, f"must be one of {list(HEAD_INITS)}")
         _require(self, "head_init", self.head_init != "prototypes" or self.dataset in PROTOTYPE_DATASETS,
                  f"'prototypes' needs a classifier with a linear head: one of {list(PROTOTYPE_DATASETS)}")
@@ -263,6 +277,15 @@ class RunConfig:
         return self.train_shots or self.shots
 
     @property
+    def training_ways(self) -> int:
+        return self.train_ways or self.ways
+
+    @property
+    def head_ways(self) -> int:
+        """Outputs of the model's head (0: the dataset's fixed class count)."""
+        return max(self.ways, self.train_ways)
+
+    @property
     def training_clients(self) -> int:
         return self.clients - self.held_out_clients
 
@@ -278,9 +301,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        # Run directories written before head_init existed adapted from the learned head; a resume must not
-        # switch them to a later default.
-        return cls.resolve(**{"head_init": "learned", **data})
+        # Run directories written before head_init and train_ways existed adapted from the learned head and
+        # trained on `ways`-way episodes; a resume must not switch them to a later default.
+        return cls.resolve(**{"head_init": "learned", "train_ways": 0, **data})
 
     def to_run_config(self) -> dict[str, Any]:
         """Flower's flat ``run_config``: dash-separated keys, scalar values only."""

@@ -156,9 +156,9 @@ class Fleet(ABC):
     def episode_examples(cls, config: RunConfig) -> int:
         """Examples in one training episode: every client's aggregation weight, and so SecAgg+'s max weight."""
         per_class = config.training_shots + config.query_shots
-        if cls.sampling == "uniform" or (cls.num_classes is None and not config.ways):
+        if cls.sampling == "uniform" or (cls.num_classes is None and not config.training_ways):
             return per_class
-        return per_class * (config.ways or cls.num_classes)
+        return per_class * (config.training_ways or cls.num_classes)
 
     @classmethod
     @abstractmethod

@@ -41,13 +41,13 @@ def make_fleet(config: RunConfig) -> Fleet:
 
 def make_model(config: RunConfig) -> nn.Module:
     """The run's model, built without reading any data (the server has none)."""
-    return fleet_class(config.dataset).make_model(config.ways)
+    return fleet_class(config.dataset).make_model(config.head_ways)
 
 
 def functional_model(config: RunConfig, device: torch.device | str = "cpu") -> FunctionalModel:
     """The run's model as the meta-learning core uses it, with the run's head initialization."""
     fleet = fleet_class(config.dataset)
-    return FunctionalModel(fleet.make_model(config.ways).to(device), fleet.objective, config.head_init)
+    return FunctionalModel(fleet.make_model(config.head_ways).to(device), fleet.objective, config.head_init)
 
 
 def split_clients(config: RunConfig) -> tuple[list[int], list[int]]:

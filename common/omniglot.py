@@ -192,7 +192,7 @@ class OmniglotFleet(Fleet):
     name = "omniglot"
     objective = CLASSIFICATION
     input_shape = (1, SIDE, SIDE)
-    # Per client (an alphabet's character count); the model's head has ``ways`` outputs.
+    # Per client (an alphabet's character count); the model's head has ``config.head_ways`` outputs.
     num_classes = None
 
     def __init__(self, held_out: Sequence[int] = (), root: Path | None = None, rotate_training: bool = False):
@@ -212,6 +212,8 @@ class OmniglotFleet(Fleet):
                 f"must be in [2, {MAX_CHARACTERS}] for omniglot (the largest alphabet has {MAX_CHARACTERS} "
                 "characters; 0 = all classes does not fit one model head across alphabets)",
             )
+        if config.training_ways > MAX_CHARACTERS:
+            raise ConfigError("train_ways", config.train_ways, f"must be at most {MAX_CHARACTERS} for omniglot")
         return cls(held_out, rotate_training=True)
 
     @property

@@ -45,7 +45,7 @@ def client_train(
     """One client's work in one round: sample an episode from its data, run the algorithm's local update.
 
     The episode goes to the device ``params`` live on (a Jetson's GPU, say); the data stays where it is."""
-    episode = client.sample_episode(rng, config.training_shots, config.query_shots, config.ways or None)
+    episode = client.sample_episode(rng, config.training_shots, config.query_shots, config.training_ways or None)
     episode = episode.to(params_device(params))
     return local_update(config.algorithm, fmodel, params, episode, config.inner_steps, config.inner_lr)
 
@@ -84,7 +84,7 @@ def meta_train_centralized(
     A reference for tests and for checking that the federated path changes nothing.
     """
     torch.manual_seed(config.seed)
-    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective, config.head_init)
+    fmodel = FunctionalModel(fleet.make_model(config.head_ways), fleet.objective, config.head_init)
     params = fmodel.init_params()
     optimizer: OuterOptimizer = make_outer_optimizer(config.outer_optimizer, config.outer_lr)
     rng = np.random.default_rng(config.seed)

@@ -119,7 +119,7 @@ def test_pixels_are_ink_one_on_background_zero(fleet):
 
 
 def test_build_checks_clients_and_ways():
-    config = RunConfig.resolve(dataset="omniglot", clients=8, held_out_clients=2, ways=5)
+    config = RunConfig.resolve(dataset="omniglot", clients=8, held_out_clients=2, ways=5, train_ways=0)
     fleet = OmniglotFleet.build(config, [0, 1])
     assert fleet.num_clients == 8 and fleet.held_out == [0, 1]
     with pytest.raises(ConfigError, match="'clients'.*must be 8"):
@@ -127,6 +127,8 @@ def test_build_checks_clients_and_ways():
     for ways in (0, 48):
         with pytest.raises(ConfigError, match="'ways'"):
             OmniglotFleet.build(config.replace(ways=ways), [0, 1])
+    with pytest.raises(ConfigError, match="'train_ways'.*at most 47"):
+        OmniglotFleet.build(config.replace(train_ways=48), [0, 1])
 
 
 def test_twenty_way_on_an_alphabet_of_seventeen_uses_all_its_characters(fleet):
@@ -192,8 +194,9 @@ def test_training_episodes_take_train_shots_and_evaluation_takes_shots():
 
     config = RunConfig.resolve(dataset="omniglot", algorithm="reptile", inner_steps=1)
     fleet = OmniglotFleet.build(config, [2, 7])
-    fmodel = FunctionalModel(fleet.make_model(config.ways), fleet.objective, config.head_init)
+    fmodel = FunctionalModel(fleet.make_model(config.head_ways), fleet.objective, config.head_init)
     update = client_train(fmodel, fmodel.init_params(), fleet.client(0), config, np.random.default_rng(0))
-    assert update.num_examples == (5 + 5) * 5 == OmniglotFleet.episode_examples(config)
+    # Prototype heads train on 20-way episodes (train_ways) of 5 drawings (train_shots) and 5 queries each.
+    assert update.num_examples == (5 + 5) * 20 == OmniglotFleet.episode_examples(config)
     evaluation = fleet.client(2).evaluation_episodes(config.shots, config.seed, config.ways, per_split=1)
     assert all(len(episode.support[1]) == 5 for episode in evaluation)  # 1 shot of 5 ways

@@ -144,3 +144,19 @@ def test_omniglot_meta_methods_default_to_prototype_heads_with_their_inner_lr():
     old = {k: v for k, v in RunConfig.resolve(dataset="omniglot", algorithm="reptile", head_init="learned",
                                                inner_lr=0.1).to_dict().items() if k != "head_init"}
     assert RunConfig.from_dict(old).head_init == "learned"
+    five_way = RunConfig.resolve(dataset="omniglot", algorithm="fomaml", train_ways=0)
+    session5 = {k: v for k, v in five_way.to_dict().items() if k != "train_ways"}
+    assert RunConfig.from_dict(session5).training_ways == 5
+
+
+def test_prototype_heads_train_on_more_ways_than_they_are_tested_on():
+    meta = RunConfig.resolve(dataset="omniglot", algorithm="reptile")
+    assert (meta.ways, meta.train_ways, meta.training_ways, meta.head_ways) == (5, 20, 20, 20)
+    assert RunConfig.resolve(dataset="omniglot", algorithm="fedavg").training_ways == 5
+    assert RunConfig.resolve(dataset="omniglot", algorithm="reptile", ways=20).head_ways == 20
+    assert RunConfig.resolve(dataset="omniglot", algorithm="reptile", ways=30).train_ways == 0
+    with pytest.raises(ConfigError, match="train_ways.*'prototypes'"):
+        RunConfig.resolve(dataset="omniglot", algorithm="reptile", head_init="learned", train_ways=20)
+    with pytest.raises(ConfigError, match="train_ways.*>= ways"):
+        RunConfig.resolve(dataset="omniglot", algorithm="reptile", train_ways=3)
+

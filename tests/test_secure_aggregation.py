@@ -61,7 +61,7 @@ class Fleet:
     def plaintext_updates(self, server_round: int, theta) -> dict[int, dict]:
         """What each device computes before masking (the same seeded episode as in its train handler)."""
         fleet = make_fleet(self.config)
-        fmodel = FunctionalModel(fleet.make_model(self.config.ways), fleet.objective, self.config.head_init)
+        fmodel = FunctionalModel(fleet.make_model(self.config.head_ways), fleet.objective, self.config.head_init)
         seed = self.config.seed
         return {
             1000 + position: client_train(
