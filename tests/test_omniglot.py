@@ -189,12 +189,12 @@ def test_a_run_rotates_training_alphabets_into_new_characters_and_leaves_held_ou
 
 
 def test_training_episodes_take_train_shots_and_evaluation_takes_shots():
-    from metafleet.common.meta import FunctionalModel
+    from metafleet.common.fleets import functional_model
     from metafleet.common.training import client_train
 
     config = RunConfig.resolve(dataset="omniglot", algorithm="reptile", inner_steps=1)
     fleet = OmniglotFleet.build(config, [2, 7])
-    fmodel = FunctionalModel(fleet.make_model(config.head_ways), fleet.objective, config.head_init)
+    fmodel = functional_model(config)
     update = client_train(fmodel, fmodel.init_params(), fleet.client(0), config, np.random.default_rng(0))
     # Prototype heads train on 20-way episodes (train_ways) of 5 drawings (train_shots) and 5 queries each.
     assert update.num_examples == (5 + 5) * 20 == OmniglotFleet.episode_examples(config)

@@ -159,4 +159,3 @@ def test_prototype_heads_train_on_more_ways_than_they_are_tested_on():
         RunConfig.resolve(dataset="omniglot", algorithm="reptile", head_init="learned", train_ways=20)
     with pytest.raises(ConfigError, match="train_ways.*>= ways"):
         RunConfig.resolve(dataset="omniglot", algorithm="reptile", train_ways=3)
-

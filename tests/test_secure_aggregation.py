@@ -16,8 +16,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from metafleet.client import app as client_module
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import ConfigError
-from metafleet.common.fleets import make_fleet, split_clients
-from metafleet.common.meta import FunctionalModel
+from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.privacy import clip_values
 from metafleet.common.training import client_train, weighted_mean
 from metafleet.server.app import initial_params
@@ -61,7 +60,7 @@ class Fleet:
     def plaintext_updates(self, server_round: int, theta) -> dict[int, dict]:
         """What each device computes before masking (the same seeded episode as in its train handler)."""
         fleet = make_fleet(self.config)
-        fmodel = FunctionalModel(fleet.make_model(self.config.head_ways), fleet.objective, self.config.head_init)
+        fmodel = functional_model(self.config)
         seed = self.config.seed
         return {
             1000 + position: client_train(
