@@ -24,6 +24,8 @@ from metafleet.common.errors import DataError
 from metafleet.common.meta import Batch, Episode, Objective
 
 SAMPLINGS = ("per-class", "uniform")
+# Applied to a training episode's inputs with the episode's generator; evaluation episodes never see it.
+Augmentation = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,16 @@ class Split:
 
 @dataclass(frozen=True)
 class ClientData:
-    """One device's private data. ``num_classes`` is None for regression."""
+    """One device's private data. ``num_classes`` is None for regression.
+
+    ``augment``, if set, transforms the inputs of every training episode (``sample_episode``), never those
+    of evaluation episodes: a device may augment what it trains on, but is measured on what it recorded."""
 
     client_id: int
     splits: tuple[Split, ...]
     num_classes: int | None
     sampling: str = "per-class"
+    augment: Augmentation | None = None
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -74,12 +80,17 @@ class ClientData:
         """
         split = self.splits[rng.integers(len(self.splits))]
         if self._uniform:
-            return Episode(_take(split.support, rng, shots), _take(split.query, rng, query_shots))
-        classes = self._episode_classes(rng, ways)
-        return Episode(
-            _per_class(split.support, classes, shots, rng, self.client_id),
-            _per_class(split.query, classes, query_shots, rng, self.client_id),
-        )
+            episode = Episode(_take(split.support, rng, shots), _take(split.query, rng, query_shots))
+        else:
+            classes = self._episode_classes(rng, ways)
+            episode = Episode(
+                _per_class(split.support, classes, shots, rng, self.client_id),
+                _per_class(split.query, classes, query_shots, rng, self.client_id),
+            )
+        if self.augment is None:
+            return episode
+        (xs, ys), (xq, yq) = episode.support, episode.query
+        return Episode((self.augment(xs, rng), ys), (self.augment(xq, rng), yq))
 
     def evaluation_episodes(self, shots: int, seed: int, ways: int | None = None, per_split: int = 1) -> list[Episode]:
         """Fixed episodes for personalization evaluation: ``per_split`` per split, each with the split's whole
