@@ -289,6 +289,17 @@ def _plot(plan: Plan, out: Path, rows: list[dict], over_rounds: dict) -> None:
         plt.close(figure)
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2`` as distinct non-negative integers, in the order given."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        seeds = ()
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise MetafleetError(f"--seeds must be distinct integers >= 0, comma-separated, got {text!r}")
+    return seeds
+
+
 def personalization_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="metafleet bench personalization",
@@ -301,6 +312,8 @@ def personalization_command(argv: list[str]) -> int:
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (fedavg is required)")
     parser.add_argument("--settings", help="comma-separated indexes of the plan's settings to run (default: all)")
     parser.add_argument("--rounds", type=int, help="training rounds of every run (default: the plan's)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the plan's); rerun a finished benchmark's "
+                        "--out with more seeds and only the new seeds' runs execute")
     parser.add_argument("--eval-every", type=int,
                         help="rounds between held-out evaluations (default: the plan's, or a tenth of --rounds)")
     parser.add_argument("--backend", choices=BACKENDS, default="ray",
@@ -325,6 +338,8 @@ def personalization_command(argv: list[str]) -> int:
             limit = len(plan.settings)
             raise MetafleetError(f"--settings must be indexes in [0, {limit}), got {args.settings!r}") from None
         plan = dataclasses.replace(plan, settings=tuple(chosen))
+    if args.seeds:
+        plan = dataclasses.replace(plan, seeds=parse_seeds(args.seeds))
     if args.rounds is not None:
         # Ten points on the curve over rounds, whatever the length.
         plan = dataclasses.replace(plan, rounds=args.rounds,

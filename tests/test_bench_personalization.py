@@ -11,6 +11,7 @@ from metafleet.simulations.bench_personalization import (
     Setting,
     bench_command,
     collect,
+    parse_seeds,
     run_all,
     write_results,
 )
@@ -51,3 +52,12 @@ def test_bench_command_rejects_unknown_names_and_algorithm_lists(tmp_path):
         bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--algorithms", "maml"])
     with pytest.raises(MetafleetError, match="--eval-every must be >= 1"):
         bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--eval-every", "0"])
+
+
+def test_seeds_are_parsed_in_order_and_bad_lists_are_named(tmp_path):
+    assert parse_seeds("0,2,1") == (0, 2, 1)
+    for bad in ("", "0,x", "1,1", "-1"):
+        with pytest.raises(MetafleetError, match="--seeds must be distinct integers"):
+            parse_seeds(bad)
+    with pytest.raises(MetafleetError, match="--seeds"):
+        bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--seeds", "0,0"])
