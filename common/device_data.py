@@ -9,8 +9,8 @@ The file holds five arrays:
 
 ``x`` arrays are float32 of the model's input shape (watch: N × 6 × 100, six accelerometer and gyroscope
 channels of 100 samples, in the left-wrist frame: a watch on the right wrist mirrors its raw windows with
-``metafleet.common.watch.to_left_wrist`` before standardizing them); ``y`` arrays are integer labels (classification) or float32
-targets (regression).
+``metafleet.common.watch.to_left_wrist`` before standardizing them); ``y`` arrays are integer labels
+(classification) or float32 targets (regression).
 ``metafleet export-device-data`` writes such a folder from a built-in data set's client, to try a
 deployment with real data.
 """
