@@ -142,7 +142,7 @@ class WatchFleet(Fleet):
             self._windows[key] = (np.concatenate([xs, cut]), np.concatenate([ys, np.full(len(cut), label)]))
         self.held_out = sorted(held_out)
         training = [s for s in range(NUM_SUBJECTS) if s not in self.held_out]
-        stacked = np.concatenate([self._windows[(s, side)][0] for s in training for side in (0, 1)])
+        stacked = np.concatenate([self._windows[(s, side)][0] for s in training for side in (LEFT, RIGHT)])
         self.mean = stacked.mean(axis=(0, 2), keepdims=True)[0]
         self.std = stacked.std(axis=(0, 2), keepdims=True)[0] + 1e-6
         self.augmentation = SensorAugmentation(self.mean, self.std) if augment_training else None

@@ -338,7 +338,7 @@ def personalization_command(argv: list[str]) -> int:
             limit = len(plan.settings)
             raise MetafleetError(f"--settings must be indexes in [0, {limit}), got {args.settings!r}") from None
         plan = dataclasses.replace(plan, settings=tuple(chosen))
-    if args.seeds:
+    if args.seeds is not None:
         plan = dataclasses.replace(plan, seeds=parse_seeds(args.seeds))
     if args.rounds is not None:
         # Ten points on the curve over rounds, whatever the length.

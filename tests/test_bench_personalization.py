@@ -61,3 +61,5 @@ def test_seeds_are_parsed_in_order_and_bad_lists_are_named(tmp_path):
             parse_seeds(bad)
     with pytest.raises(MetafleetError, match="--seeds"):
         bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--seeds", "0,0"])
+    with pytest.raises(MetafleetError, match="--seeds"):  # an empty list is an error, not the plan's default
+        bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--seeds", ""])
