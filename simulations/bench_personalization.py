@@ -14,7 +14,9 @@ methods compared, all with the same client compute (``inner_steps`` local steps 
 
 Folds hold out disjoint client sets, so every client is evaluated once per seed; each client's value is
 averaged over seeds and the 95% CI is over clients (not over episodes of one client). A finished run is
-never redone: rerunning the command after a crash continues where it stopped.
+never redone: rerunning the command after a crash continues where it stopped. A finished run made with
+another configuration than the plan's (an older version's defaults) is an error naming the change, not
+silently pooled or deleted.
 """
 
 from __future__ import annotations
@@ -65,17 +67,17 @@ def plan_for(dataset: str, quick: bool) -> Plan:
     """The runs behind a dataset's table. ``--quick`` keeps one setting, one fold and one seed, few rounds."""
     if dataset == "watch":
         settings = (Setting("7-way 5-shot", {"shots": 5}), Setting("7-way 1-shot", {"shots": 1}))
-        full = Plan(dataset, settings, rounds=100, folds=tuple(range(5)), seeds=(0,),
+        full = Plan(dataset, settings, rounds=100, folds=tuple(range(5)), seeds=(0, 1),
                     common={"eval_every": 20, "clients_per_round": 8})
     elif dataset == "omniglot":
         settings = (Setting("5-way 1-shot", {"ways": 5, "shots": 1}),
                     Setting("20-way 1-shot", {"ways": 20, "shots": 1}))
-        full = Plan(dataset, settings, rounds=100, folds=(0, 1), seeds=(0,), common={"eval_every": 50})
+        full = Plan(dataset, settings, rounds=100, folds=(0, 1), seeds=(0, 1), common={"eval_every": 50})
     elif dataset == "fashion-mnist":
-        full = Plan(dataset, (Setting("20-shot (label skew)", {"shots": 20}),), rounds=60, folds=(0,), seeds=(0,),
-                    common={"eval_every": 20})
+        full = Plan(dataset, (Setting("20-shot (label skew)", {"shots": 20}),), rounds=60, folds=(0,),
+                    seeds=(0, 1, 2), common={"eval_every": 20})
     elif dataset == "shakespeare":
-        full = Plan(dataset, (Setting("next character", {}),), rounds=60, folds=(0,), seeds=(0,),
+        full = Plan(dataset, (Setting("next character", {}),), rounds=60, folds=(0,), seeds=(0, 1),
                     common={"eval_every": 30})
     elif dataset == "sinusoid":
         full = Plan(dataset, (Setting("10-shot", {}),), rounds=100, folds=(0,), seeds=(0, 1),
@@ -127,6 +129,20 @@ def _start_worker(threads: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def _check_finished_run(run_dir: Path, planned: RunConfig) -> None:
+    """A finished run counts only if the plan would make the same run today.
+
+    Defaults change between versions (a dataset's training shots, say); pooling an old run with new ones
+    would report a table no command produces, and deleting it would lose a finished result."""
+    finished = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    if finished == planned:
+        return
+    old, new = finished.to_dict(), planned.to_dict()
+    changes = ", ".join(f"{key} {old[key]!r} -> {new[key]!r}" for key in new if old.get(key) != new[key])
+    raise MetafleetError(f"{run_dir} finished with another config than this benchmark plans ({changes}); "
+                         f"move that run away (or use a new --out) to run it again")
+
+
 def run_all(plan: Plan, out: Path, algorithms: Sequence[str], execution: Execution) -> dict[str, Path]:
     """Runs (or finds already finished) every run of the plan; returns run name -> run directory.
 
@@ -138,12 +154,13 @@ def run_all(plan: Plan, out: Path, algorithms: Sequence[str], execution: Executi
         name = run_name(setting, algorithm, fold, seed)
         run_dir = out / "runs" / name
         runs[name] = run_dir
+        config = RunConfig.resolve(dataset=plan.dataset, algorithm=algorithm, rounds=plan.rounds, fold=fold,
+                                   seed=seed, **plan.common, **setting.overrides)
         if (run_dir / "summary.json").is_file():
+            _check_finished_run(run_dir, config)
             continue
         if run_dir.exists():  # an interrupted run: its partial rows would mix with a fresh one
             shutil.rmtree(run_dir)
-        config = RunConfig.resolve(dataset=plan.dataset, algorithm=algorithm, rounds=plan.rounds, fold=fold,
-                                   seed=seed, **plan.common, **setting.overrides)
         pending.append((name, config, run_dir))
     started = time.monotonic()
     if execution.jobs <= 1:
@@ -221,7 +238,9 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                 rows.append({"dataset": plan.dataset, "setting": setting.label, "algorithm": method,
                              "shots": setting.overrides.get("shots"), "steps": step, "metric": metric,
                              "mean": mean, "ci95": ci, "clients": len(clients), "seeds": len(plan.seeds),
-                             "rounds": plan.rounds, "wall_seconds": walls[method]})
+                             "rounds": plan.rounds, "wall_seconds": walls[method],
+                             "per_client": {str(c): float(v) for c, v in zip(clients, curves[:, index],
+                                                                               strict=True)}})
         # FedAvg without adaptation is the fine-tuned model's step 0.
         for row in [r for r in rows if r["setting"] == setting.label and r["algorithm"] == "fedavg+ft"
                     and r["steps"] == 0]:
@@ -251,9 +270,39 @@ def write_results(plan: Plan, out: Path, rows: list[dict], over_rounds: dict, el
                 cells.append(f"{match[0]['mean']:.4f} ± {match[0]['ci95']:.4f}" if match else "")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _paired_lines(chosen, steps[-1])
     lines.append(f"Benchmark wall time: {elapsed:.0f} s.")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(plan, out, rows, over_rounds)
+
+
+def paired_difference(method: dict[str, Any], baseline: dict[str, Any]) -> tuple[float, float, int, int, int]:
+    """Mean ± 95% CI of method − baseline over the clients both rows hold; clients ahead, behind, in all.
+
+    Clients differ a lot from one another; the difference on the same clients removes that spread, which
+    the two rows' own CIs include."""
+    shared = sorted(set(method["per_client"]) & set(baseline["per_client"]), key=int)
+    if not shared:
+        raise MetafleetError(f"{method['algorithm']} and {baseline['algorithm']} share no clients")
+    differences = [method["per_client"][c] - baseline["per_client"][c] for c in shared]
+    mean, ci = mean_and_ci95(differences)
+    return mean, ci, sum(d > 0 for d in differences), sum(d < 0 for d in differences), len(shared)
+
+
+def _paired_lines(rows: list[dict], step: int) -> list[str]:
+    """results.md's paired comparison of every method with fine-tuned FedAvg after ``step`` steps."""
+    at_step = {r["algorithm"]: r for r in rows if r["steps"] == step}
+    baseline = at_step.get("fedavg+ft")
+    if baseline is None:
+        return []
+    lines = [f"Paired with fedavg+ft after {step} steps (method − fedavg+ft over the same clients):", "",
+             "| method | difference | clients ahead / behind |", "|---|---|---|"]
+    for name, row in at_step.items():
+        if name in ("fedavg+ft", "fedavg"):
+            continue
+        mean, ci, ahead, behind, clients = paired_difference(row, baseline)
+        lines.append(f"| {name} | {mean:+.4f} ± {ci:.4f} | {ahead} / {behind} of {clients} |")
+    return lines + [""]
 
 
 def _plot(plan: Plan, out: Path, rows: list[dict], over_rounds: dict) -> None:

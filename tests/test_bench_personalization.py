@@ -11,6 +11,7 @@ from metafleet.simulations.bench_personalization import (
     Setting,
     bench_command,
     collect,
+    paired_difference,
     parse_seeds,
     run_all,
     write_results,
@@ -38,10 +39,21 @@ def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_fin
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert "| reptile |" in (tmp_path / "results.md").read_text()
+    assert all(len(row["per_client"]) == 4 for row in rows)
+    last_step = max(row["steps"] for row in rows)
+    assert f"Paired with fedavg+ft after {last_step} steps" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "personalization-0.png").stat().st_size > 0
 
     stamps = {name: (run / "summary.json").stat().st_mtime_ns for name, run in runs.items()}
     run_all(plan, tmp_path, ["fedavg", "reptile"], Execution())
+    assert stamps == {name: (run / "summary.json").stat().st_mtime_ns for name, run in runs.items()}
+
+    # The same directory under a plan that would now train differently: refused, naming the change, and
+    # the finished runs are kept.
+    changed = Plan(plan.dataset, (Setting("4-shot", {"shots": 4, "train_shots": 8}),), rounds=2, folds=(0, 1),
+                   seeds=(0,), common=plan.common)
+    with pytest.raises(MetafleetError, match="another config.*train_shots 0 -> 8"):
+        run_all(changed, tmp_path, ["fedavg", "reptile"], Execution())
     assert stamps == {name: (run / "summary.json").stat().st_mtime_ns for name, run in runs.items()}
 
 
@@ -63,3 +75,13 @@ def test_seeds_are_parsed_in_order_and_bad_lists_are_named(tmp_path):
         bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--seeds", "0,0"])
     with pytest.raises(MetafleetError, match="--seeds"):  # an empty list is an error, not the plan's default
         bench_command(["personalization", "--dataset", "sinusoid", "--out", str(tmp_path), "--seeds", ""])
+
+
+def test_paired_difference_uses_only_shared_clients_and_counts_both_directions():
+    method = {"algorithm": "reptile", "per_client": {"1": 0.9, "2": 0.7}}
+    baseline = {"algorithm": "fedavg+ft", "per_client": {"1": 0.8, "2": 0.8, "3": 0.5}}
+    mean, ci, ahead, behind, clients = paired_difference(method, baseline)
+    assert mean == pytest.approx(0.0) and (ahead, behind, clients) == (1, 1, 2)
+    assert ci == pytest.approx(12.706 * 0.1)  # t(1) × the differences' standard error, sd 0.1414 / sqrt(2)
+    with pytest.raises(MetafleetError, match="share no clients"):
+        paired_difference(method, {"algorithm": "fedavg+ft", "per_client": {"3": 0.5}})
