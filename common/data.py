@@ -162,6 +162,9 @@ class Fleet(ABC):
     num_classes: int | None
     # How its clients draw episodes: "per-class" (shots per class) or "uniform" (shots in all).
     sampling: str = "per-class"
+    # True where the seed deals the data (a generated or randomly partitioned fleet): client 3 of seed 0 and
+    # client 3 of seed 1 are then different devices, not one device measured twice.
+    clients_depend_on_seed: bool = False
 
     @classmethod
     def episode_examples(cls, config: RunConfig) -> int:

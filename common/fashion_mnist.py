@@ -196,6 +196,7 @@ class FashionMnistFleet(Fleet):
     input_shape = (1, SIDE, SIDE)
     num_classes = NUM_CLASSES
     sampling = "uniform"
+    clients_depend_on_seed = True  # the Dirichlet partition is drawn from the seed
 
     def __init__(self, num_clients: int = 100, seed: int = 0, folder: Path | None = None):
         self.images, self.labels = load_split("train", folder)

@@ -24,6 +24,7 @@ class SinusoidFleet(Fleet):
     input_shape = (1,)
     num_classes = None
     sampling = "uniform"
+    clients_depend_on_seed = True  # each client's sinusoid is drawn from (seed, client)
 
     def __init__(self, num_clients: int, seed: int = 0, points_per_pool: int = 50):
         if num_clients < 1:

@@ -13,7 +13,9 @@ methods compared, all with the same client compute (``inner_steps`` local steps 
   support set says adaptation helps (``metafleet.common.meta.keeps_adaptation``).
 
 Folds hold out disjoint client sets, so every client is evaluated once per seed; each client's value is
-averaged over seeds and the 95% CI is over clients (not over episodes of one client). A finished run is
+averaged over seeds and the 95% CI is over clients (not over episodes of one client). Where the seed deals
+the data (fashion-mnist's partition, sinusoid's tasks) a client of one seed is another device than its
+namesake of another seed, so each counts on its own. A finished run is
 never redone: rerunning the command after a crash continues where it stopped. A finished run made with
 another configuration than the plan's (an older version's defaults) is an error naming the change, not
 silently pooled or deleted.
@@ -38,6 +40,7 @@ import numpy as np
 from metafleet.common.config import DATASETS, RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.errors import MetafleetError
+from metafleet.common.fleets import fleet_class
 from metafleet.simulations.cli import BACKENDS
 
 ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml")
@@ -198,9 +201,12 @@ def _per_client(row: dict[str, Any], steps: Sequence[int], guarded: bool = False
 
 def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tuple[list[dict], dict]:
     """Result rows (one per setting, method and step count) and the curves over rounds for the plots."""
+    # A client is a device: the same subject, alphabet or role under every seed, but a new draw of data
+    # under each seed where the seed deals it (then it is never averaged with its namesake of another seed).
+    per_seed_clients = fleet_class(plan.dataset).clients_depend_on_seed
     rows, over_rounds = [], {}
     for setting in plan.settings:
-        per_method: dict[str, dict[tuple[int, int], list[float]]] = {}
+        per_method: dict[str, dict[tuple[str, int], list[float]]] = {}
         walls: dict[str, float] = {}
         steps: list[int] = []
         metric = "accuracy"
@@ -225,12 +231,13 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                         walls[method] = walls.get(method, 0.0) + float(summary["wall_seconds"])
                         table = per_method.setdefault(method, {})
                         for client, curve in clients.items():
-                            table.setdefault((client, seed), curve)
+                            device = f"{client}/seed{seed}" if per_seed_clients else str(client)
+                            table.setdefault((device, seed), curve)
                     by_round = over_rounds.setdefault((setting.label, algorithm), {})
                     for row in evaluations:
                         by_round.setdefault(row["round"], []).append(row[f"mean-step-{steps[-1]}"])
         for method, table in per_method.items():
-            clients = sorted({client for client, _ in table})
+            clients = sorted({device for device, _ in table})
             curves = np.array([np.mean([table[(c, s)] for s in plan.seeds if (c, s) in table], axis=0)
                                for c in clients])
             for index, step in enumerate(steps):
@@ -239,8 +246,7 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                              "shots": setting.overrides.get("shots"), "steps": step, "metric": metric,
                              "mean": mean, "ci95": ci, "clients": len(clients), "seeds": len(plan.seeds),
                              "rounds": plan.rounds, "wall_seconds": walls[method],
-                             "per_client": {str(c): float(v) for c, v in zip(clients, curves[:, index],
-                                                                               strict=True)}})
+                             "per_client": {c: float(v) for c, v in zip(clients, curves[:, index], strict=True)}})
         # FedAvg without adaptation is the fine-tuned model's step 0.
         for row in [r for r in rows if r["setting"] == setting.label and r["algorithm"] == "fedavg+ft"
                     and r["steps"] == 0]:
@@ -252,9 +258,11 @@ def write_results(plan: Plan, out: Path, rows: list[dict], over_rounds: dict, el
     results = {"dataset": plan.dataset, "rounds": plan.rounds, "folds": list(plan.folds), "seeds": list(plan.seeds),
                "bench_wall_seconds": elapsed, "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    pooling = ("each seed deals new clients, so a client of one seed counts on its own"
+               if fleet_class(plan.dataset).clients_depend_on_seed else "each client's value averaged over seeds")
     lines = [f"# Personalization benchmark: {plan.dataset}", "",
              f"{plan.rounds} rounds, folds {list(plan.folds)}, seeds {list(plan.seeds)}; mean ± 95% CI over the "
-             "held-out clients pooled across folds (each client's value averaged over seeds).", ""]
+             "held-out clients pooled across folds (" + pooling + ").", ""]
     for setting in plan.settings:
         chosen = [r for r in rows if r["setting"] == setting.label]
         if not chosen:
@@ -281,7 +289,7 @@ def paired_difference(method: dict[str, Any], baseline: dict[str, Any]) -> tuple
 
     Clients differ a lot from one another; the difference on the same clients removes that spread, which
     the two rows' own CIs include."""
-    shared = sorted(set(method["per_client"]) & set(baseline["per_client"]), key=int)
+    shared = sorted(set(method["per_client"]) & set(baseline["per_client"]))
     if not shared:
         raise MetafleetError(f"{method['algorithm']} and {baseline['algorithm']} share no clients")
     differences = [method["per_client"][c] - baseline["per_client"][c] for c in shared]

@@ -21,17 +21,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_finished_runs(tmp_path):
-    plan = Plan("sinusoid", (Setting("4-shot", {"shots": 4}),), rounds=2, folds=(0, 1), seeds=(0,),
+    plan = Plan("sinusoid", (Setting("4-shot", {"shots": 4}),), rounds=2, folds=(0, 1), seeds=(0, 1),
                 common={"clients": 6, "held_out_clients": 2, "clients_per_round": 2, "eval_every": 2})
     # Two runs at once, each in its own process, without Ray (the Ray path: tests/test_simulation.py).
     runs = run_all(plan, tmp_path, ["fedavg", "reptile"], Execution(backend="inprocess", jobs=2))
-    assert len(runs) == 4 and all((run / "summary.json").is_file() for run in runs.values())
+    assert len(runs) == 8 and all((run / "summary.json").is_file() for run in runs.values())
     rows, over_rounds = collect(plan, runs, ["fedavg", "reptile"])
     write_results(plan, tmp_path, rows, over_rounds, elapsed=1.0)
 
     methods = {row["algorithm"] for row in rows}
     assert methods == {"fedavg", "fedavg+ft", "fedavg+ft+guard", "local-only", "reptile", "reptile+guard"}
-    assert all(row["clients"] == 4 for row in rows)  # two folds of two held-out clients, pooled
+    # Two folds of two held-out clients, pooled; each seed draws new sinusoids, so 8 devices, not 4 twice.
+    assert all(row["clients"] == 8 for row in rows)
     assert {row["steps"] for row in rows if row["algorithm"] == "fedavg"} == {0}
     local_only = {row["steps"]: row["mean"] for row in rows if row["algorithm"] == "local-only"}
     reptile = {row["steps"]: row["mean"] for row in rows if row["algorithm"] == "reptile"}
@@ -39,7 +40,7 @@ def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_fin
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert "| reptile |" in (tmp_path / "results.md").read_text()
-    assert all(len(row["per_client"]) == 4 for row in rows)
+    assert all(len(row["per_client"]) == 8 and any(c.endswith("/seed1") for c in row["per_client"]) for row in rows)
     last_step = max(row["steps"] for row in rows)
     assert f"Paired with fedavg+ft after {last_step} steps" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "personalization-0.png").stat().st_size > 0
@@ -51,7 +52,7 @@ def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_fin
     # The same directory under a plan that would now train differently: refused, naming the change, and
     # the finished runs are kept.
     changed = Plan(plan.dataset, (Setting("4-shot", {"shots": 4, "train_shots": 8}),), rounds=2, folds=(0, 1),
-                   seeds=(0,), common=plan.common)
+                   seeds=plan.seeds, common=plan.common)
     with pytest.raises(MetafleetError, match="another config.*train_shots 0 -> 8"):
         run_all(changed, tmp_path, ["fedavg", "reptile"], Execution())
     assert stamps == {name: (run / "summary.json").stat().st_mtime_ns for name, run in runs.items()}
