@@ -259,7 +259,13 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     device = Device(context)
     params = device.received_params(msg)
-    curve, guarded = client_personalization(device.fmodel, device.on_device(params), device.data, device.config)
+    config = device.config
+    sent = dict(msg.content["config"]) if "config" in msg.content else {}
+    if int(sent.get("server-round", 1)) == 0:
+        # Round 0's model is the untrained initialization: adapting it is training from scratch (the
+        # benchmark's local-only), with the inner lr; adapt_lr is the step size for a trained model.
+        config = config.replace(adapt_lr=0.0)
+    curve, guarded = client_personalization(device.fmodel, device.on_device(params), device.data, config)
     metrics = {"num-examples": 1, "client-id": device.client_id}
     for step, plain_value, guarded_value in zip(device.config.eval_steps, curve, guarded, strict=True):
         metrics[f"step-{step}"] = plain_value

@@ -74,7 +74,7 @@ def personalize_command(argv: list[str]) -> int:
         check_update(params, fmodel.init_params())
     except ValueError as error:
         raise MetafleetError(f"the checkpoint does not fit the {config.dataset} model: {error}") from None
-    inner_lr = args.inner_lr or config.inner_lr
+    inner_lr = args.inner_lr or config.adaptation_lr
     split = data.splits[0]
     # With prototype heads the unadapted model already reads the support set (its class means).
     with torch.no_grad():

@@ -18,6 +18,9 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--inner-steps", type=int, help="local adaptation steps k")
     parser.add_argument("--inner-lr", type=float)
+    parser.add_argument("--adapt-lr", type=float,
+                        help="step size of held-out devices' personalization (default: --inner-lr; for fedavg's "
+                        "fine-tuning, which the meta methods' inner lr does not bind)")
     parser.add_argument("--outer-optimizer", choices=["sgd", "adam"])
     parser.add_argument("--outer-lr", type=float, help="meta learning rate")
     parser.add_argument("--shots", type=int, help="support examples per class (points, for regression)")

@@ -40,12 +40,14 @@ class DatasetDefaults:
     prototype_inner_lr: float = 0.0
     prototype_outer_lr: float = 0.0
     prototype_train_ways: int = 0
+    # FedAvg's fine-tuning step size on held-out devices (0: inner_lr), chosen on validation clients.
+    finetune_lr: float = 0.0
 
 
 # Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
 DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
     "sinusoid": DatasetDefaults(10, 10, 0.02, (0, 1, 5, 10), clients=200, held_out_clients=20),
-    "watch": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=10, held_out_clients=2),
+    "watch": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=10, held_out_clients=2, finetune_lr=0.002),
     "omniglot": DatasetDefaults(1, 5, 0.1, (0, 1, 5, 10), clients=8, held_out_clients=2, ways=5, eval_episodes=10,
                                 train_shots=5, meta_head_init="prototypes", prototype_inner_lr=0.001,
                                 prototype_outer_lr=0.001, prototype_train_ways=20),
@@ -95,6 +97,10 @@ class RunConfig:
     # (Snell et al. 2017); the model's head gets max(ways, train_ways) outputs, and a prototype head leaves
     # the rows of classes an episode lacks out of the prediction.
     train_ways: int = 0
+    # Step size of the held-out devices' adaptation (0: inner_lr). A meta method's initialization is
+    # meta-trained for steps of inner_lr, so it keeps 0; FedAvg's model was never trained to be fine-tuned,
+    # and its fine-tuning lr is a choice of its own (the benchmark's is chosen on validation clients).
+    adapt_lr: float = 0.0
     eval_every: int = 10
     eval_steps: tuple[int, ...] = field(default_factory=tuple)
     min_replies: int = 1
@@ -156,6 +162,8 @@ class RunConfig:
                 filled["inner_lr"] = defaults.prototype_inner_lr
             if "train_ways" not in given and filled["ways"] <= defaults.prototype_train_ways:
                 filled["train_ways"] = defaults.prototype_train_ways
+        if algorithm == "fedavg" and "adapt_lr" not in given and defaults.finetune_lr:
+            filled["adapt_lr"] = defaults.finetune_lr
         if "held_out_clients" not in given:
             filled["held_out_clients"] = (
                 defaults.held_out_clients
@@ -205,6 +213,8 @@ class RunConfig:
         _require(self, "shots", self.shots >= 1, "must be >= 1")
         _require(self, "query_shots", self.query_shots >= 1, "must be >= 1")
         _require(self, "train_shots", self.train_shots >= 0, "must be >= 0 (0: the same as shots)")
+        _require(self, "adapt_lr", self.adapt_lr == 0 or _finite_positive(self.adapt_lr),
+                 "must be 0 (the same as inner_lr) or a finite number > 0")
         _require(self, "train_ways", self.train_ways == 0 or (self.ways >= 2 and self.train_ways >= self.ways),
                  "must be 0 (the same as ways) or >= ways, and needs ways >= 2")
         _require(self, "train_ways", self.train_ways == 0 or self.train_ways == self.ways
@@ -277,6 +287,10 @@ class RunConfig:
         return self.train_shots or self.shots
 
     @property
+    def adaptation_lr(self) -> float:
+        return self.adapt_lr or self.inner_lr
+
+    @property
     def training_ways(self) -> int:
         return self.train_ways or self.ways
 
@@ -303,7 +317,8 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         # Run directories written before head_init and train_ways existed adapted from the learned head and
         # trained on `ways`-way episodes; a resume must not switch them to a later default.
-        return cls.resolve(**{"head_init": "learned", "train_ways": 0, **data})
+        # Likewise, runs from before adapt_lr adapted held-out devices with inner_lr.
+        return cls.resolve(**{"head_init": "learned", "train_ways": 0, "adapt_lr": 0.0, **data})
 
     def to_run_config(self) -> dict[str, Any]:
         """Flower's flat ``run_config``: dash-separated keys, scalar values only."""

@@ -60,10 +60,10 @@ def client_personalization(
     for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None, config.eval_episodes):
         episode = episode.to(device)
         curve = personalization_curve(
-            fmodel, params, episode.support, episode.query, config.eval_steps, config.inner_lr
+            fmodel, params, episode.support, episode.query, config.eval_steps, config.adaptation_lr
         )
         plain.append(curve)
-        guarded.append(guarded_curve(fmodel, params, episode.support, curve, config.eval_steps, config.inner_lr))
+        guarded.append(guarded_curve(fmodel, params, episode.support, curve, config.eval_steps, config.adaptation_lr))
     return [float(v) for v in np.mean(plain, axis=0)], [float(v) for v in np.mean(guarded, axis=0)]
 
 

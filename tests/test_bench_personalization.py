@@ -40,8 +40,8 @@ def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_fin
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert "| reptile |" in (tmp_path / "results.md").read_text()
-    assert all(len(row["per_client"]) == 8 and any(c.endswith("/seed1") for c in row["per_client"]) for row in rows)
     last_step = max(row["steps"] for row in rows)
+    assert all(len(row["per_client"]) == 8 and any(c.endswith("/seed1") for c in row["per_client"]) for row in rows)
     assert f"Paired with fedavg+ft after {last_step} steps" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "personalization-0.png").stat().st_size > 0
 
@@ -56,6 +56,23 @@ def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_fin
     with pytest.raises(MetafleetError, match="another config.*train_shots 0 -> 8"):
         run_all(changed, tmp_path, ["fedavg", "reptile"], Execution())
     assert stamps == {name: (run / "summary.json").stat().st_mtime_ns for name, run in runs.items()}
+
+    # FedAvg fine-tuned with a step size of its own (adapt_lr): the trained model adapts with it, while
+    # round 0 (the untrained model: local-only) still trains from scratch with the inner lr.
+    tuned = Plan(plan.dataset, (Setting("4-shot", {"shots": 4, "adapt_lr": 0.005}),), rounds=2, folds=(0, 1),
+                 seeds=(0,), common=plan.common)
+    tuned_runs = run_all(tuned, tmp_path / "tuned", ["fedavg"], Execution(backend="inprocess"))
+    tuned_rows, _ = collect(tuned, tuned_runs, ["fedavg"])
+
+    def per_client(table, method, step):
+        return next(r["per_client"] for r in table if r["algorithm"] == method and r["steps"] == step)
+
+    last_step = max(row["steps"] for row in rows)
+    base = per_client(rows, "local-only", last_step)
+    assert per_client(tuned_rows, "local-only", last_step) == {c: base[c] for c in base if c.endswith("/seed0")}
+    base = per_client(rows, "fedavg+ft", last_step)
+    tuned_ft = per_client(tuned_rows, "fedavg+ft", last_step)
+    assert all(tuned_ft[c] != pytest.approx(base[c]) for c in tuned_ft)
 
 
 def test_bench_command_rejects_unknown_names_and_algorithm_lists(tmp_path):

@@ -24,6 +24,7 @@ def test_round_trips_through_json_dict_and_flower_run_config():
     ("field", "value", "message"),
     [
         ("inner_lr", -0.1, "must be a finite number > 0"),
+        ("adapt_lr", float("inf"), "must be 0 \\(the same as inner_lr\\) or a finite number > 0"),
         ("outer_lr", float("nan"), "must be a finite number > 0"),
         ("rounds", 0, "must be >= 1"),
         ("rounds", "ten", "must be of type int"),
@@ -46,3 +47,18 @@ def test_bad_value_names_field_and_value(field, value, message):
     assert caught.value.field == field
     assert f"config field '{field}'" in str(caught.value)
     assert repr(value) in str(caught.value) or field == "eval_steps"
+
+
+def test_fedavg_fine_tunes_with_its_own_lr_where_a_dataset_has_one_and_old_runs_keep_inner_lr():
+    from metafleet.common.config import DATASET_DEFAULTS
+
+    tuned = [name for name, defaults in DATASET_DEFAULTS.items() if defaults.finetune_lr]
+    assert tuned  # the benchmark's fedavg+ft rows rely on these
+    for dataset in tuned:
+        fedavg = RunConfig.resolve(dataset=dataset, algorithm="fedavg")
+        assert fedavg.adaptation_lr == DATASET_DEFAULTS[dataset].finetune_lr != fedavg.inner_lr
+        assert RunConfig.resolve(dataset=dataset, algorithm="reptile").adaptation_lr == fedavg.inner_lr
+        assert RunConfig.resolve(dataset=dataset, algorithm="fedavg", adapt_lr=0.3).adaptation_lr == 0.3
+        written_before = {k: v for k, v in fedavg.to_dict().items() if k != "adapt_lr"}
+        assert RunConfig.from_dict(written_before).adaptation_lr == fedavg.inner_lr
+        assert RunConfig.from_dict(fedavg.to_dict()) == fedavg

@@ -1,6 +1,7 @@
 """Meta-learning must beat joint training at what it is for: fast adaptation to an unseen task."""
 
 import numpy as np
+import pytest
 import torch
 
 from metafleet.common.config import RunConfig
@@ -30,3 +31,21 @@ def test_maml_adapts_to_unseen_sinusoids_better_than_joint_training():
     # Paired over the same 50 unseen tasks; "clearly below" means a third lower on average.
     assert maml.mean() < 0.67 * joint.mean(), (maml.mean(), joint.mean())
     assert (maml < joint).mean() > 0.6
+
+
+def test_held_out_devices_adapt_with_adapt_lr_and_training_is_untouched_by_it():
+    torch.set_num_threads(1)
+    config = RunConfig.resolve(dataset="sinusoid", algorithm="fedavg", clients=20, held_out_clients=2, rounds=3,
+                               clients_per_round=4, inner_lr=0.01, eval_steps="0,5")
+    fleet = make_fleet(config)
+    training, held_out = split_clients(config)
+    trained = meta_train_centralized(fleet, config, training).params
+    again = meta_train_centralized(fleet, config.replace(adapt_lr=0.5), training).params
+    assert all(torch.equal(trained[name], again[name]) for name in trained)
+    fmodel = FunctionalModel(fleet.make_model(), fleet.objective)
+    client = fleet.client(held_out[0])
+    default, _ = client_personalization(fmodel, trained, client, config)
+    explicit, _ = client_personalization(fmodel, trained, client, config.replace(adapt_lr=0.01))
+    frozen, _ = client_personalization(fmodel, trained, client, config.replace(adapt_lr=1e-12))
+    assert explicit == default  # 0 means inner_lr
+    assert frozen[1] == pytest.approx(frozen[0], rel=1e-6) and default[1] != pytest.approx(default[0], rel=1e-3)
