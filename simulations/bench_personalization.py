@@ -220,7 +220,10 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                     evaluations = _evaluations(run_dir)
                     initial, final = evaluations[0], evaluations[-1]
                     if initial["round"] != 0 or final["round"] != config.rounds:
-                        raise MetafleetError(f"{run_dir} lacks the round-0 or the final evaluation")
+                        raise MetafleetError(
+                            f"{run_dir} lacks the round-0 or the final evaluation (no held-out client's reply was "
+                            "accepted: a step size that makes adaptation diverge gives non-finite metrics, which "
+                            "the server rejects; its log names the reason)")
                     sources = {algorithm: _per_client(final, steps),
                                f"{algorithm}+guard": _per_client(final, steps, guarded=True)}
                     if algorithm == "fedavg":
