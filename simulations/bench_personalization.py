@@ -75,7 +75,9 @@ def plan_for(dataset: str, quick: bool) -> Plan:
     elif dataset == "omniglot":
         settings = (Setting("5-way 1-shot", {"ways": 5, "shots": 1}),
                     Setting("20-way 1-shot", {"ways": 20, "shots": 1}))
-        full = Plan(dataset, settings, rounds=100, folds=(0, 1), seeds=(0, 1), common={"eval_every": 50})
+        # One seed: the seed also deals the folds, and seed 1's fold 1 holds out Early Aramaic and Katakana,
+        # the alphabets Omniglot's defaults were chosen on (seed 0's fold 2), which a table must not report.
+        full = Plan(dataset, settings, rounds=100, folds=(0, 1), seeds=(0,), common={"eval_every": 50})
     elif dataset == "fashion-mnist":
         full = Plan(dataset, (Setting("20-shot (label skew)", {"shots": 20}),), rounds=60, folds=(0,),
                     seeds=(0, 1, 2), common={"eval_every": 20})
