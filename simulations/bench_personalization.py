@@ -5,9 +5,10 @@ Every number comes from real federated runs on Flower's Simulation Engine, throu
 methods compared, all with the same client compute (``inner_steps`` local steps on ``shots`` examples):
 
 - ``fedavg``: the FedAvg model, used as it is (0 adaptation steps);
-- ``fedavg+ft``: the FedAvg model fine-tuned on the device's support set (the same steps; the dataset's inner
-  lr, which is the meta methods' too except where they start from prototype heads, as on Omniglot);
-- ``local-only``: the untrained initialization trained on the support set alone (round 0 of the runs);
+- ``fedavg+ft``: the FedAvg model fine-tuned on the device's support set (the same steps, at the dataset's
+  fine-tuning lr ``finetune_lr``, chosen on validation clients; the inner lr where it has none);
+- ``local-only``: the untrained initialization trained on the support set alone with the inner lr (round 0
+  of the fedavg runs);
 - ``reptile``, ``fomaml``, ``maml``: the meta-learned initialization, adapted;
 - ``+guard`` rows: the same devices, each keeping its adapted model only when cross-validation on its own
   support set says adaptation helps (``metafleet.common.meta.keeps_adaptation``).
@@ -139,7 +140,9 @@ def _check_finished_run(run_dir: Path, planned: RunConfig) -> None:
 
     Defaults change between versions (a dataset's training shots, say); pooling an old run with new ones
     would report a table no command produces, and deleting it would lose a finished result."""
-    finished = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    from metafleet.server.rundir import RunDirectory
+
+    finished = RunDirectory(run_dir).load_config()
     if finished == planned:
         return
     old, new = finished.to_dict(), planned.to_dict()

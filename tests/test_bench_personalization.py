@@ -67,7 +67,6 @@ def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_fin
     def per_client(table, method, step):
         return next(r["per_client"] for r in table if r["algorithm"] == method and r["steps"] == step)
 
-    last_step = max(row["steps"] for row in rows)
     base = per_client(rows, "local-only", last_step)
     assert per_client(tuned_rows, "local-only", last_step) == {c: base[c] for c in base if c.endswith("/seed0")}
     base = per_client(rows, "fedavg+ft", last_step)
