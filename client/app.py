@@ -1,13 +1,17 @@
 """The metafleet ClientApp: the same code on a simulated device and on a real one (Flower SuperNode).
 
 Handlers:
-- ``query``: who this device is (client id, training or held-out, example count), asked once at start;
+- ``query``: who this device is (client id, training or held-out, example count, the fingerprint of its
+  model), asked once at start;
 - ``train``: the configured algorithm's local update from the received θ; the pseudo-gradient travels in
   the ArrayRecord (the payload secure aggregation masks), never in metrics. Under secure aggregation,
   Flower's ``secaggplus_mod`` masks it and the handler speaks the legacy record keys the mod expects
   (``fitins.*`` in, ``fitres.*`` out);
 - ``evaluate``: personalization on a held-out device: the query metric after each number of adaptation
-  steps. Nothing of the device's data leaves it, only these numbers.
+  steps. Nothing of the device's data leaves it, only these numbers;
+- ``query.keep_model``: the run's final meta-model; a deployed device writes it and its personalized model
+  (adapted on its support set, kept only if the on-device guard says so) into its data folder, where
+  ``metafleet predict`` finds them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel, check_update, global_norm
 from metafleet.common.privacy import clip_to_norm, clip_values
 from metafleet.common.records import from_array_record, to_array_record
+from metafleet.common.task import fingerprint
 from metafleet.common.training import client_personalization, client_train
 
 log = logging.getLogger("metafleet.client")
@@ -47,6 +52,9 @@ LEGACY_PARAMS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"
 # A device may insist on one aggregation mode: node config "secure-aggregation=true" (its update never
 # leaves unmasked) or "=false"; without the key it follows the server.
 NODE_SECURE_AGGREGATION = "secure-aggregation"
+# A deployed device's own task (its copy of the task file, or a module), in place of the server's path.
+NODE_TASK = "task"
+KEEP_MODEL_ACTION = "keep_model"
 
 
 class AggregationModeError(MetafleetError):
@@ -107,6 +115,17 @@ def _reference_params(config: RunConfig) -> dict[str, torch.Tensor]:
     return _functional_model(config).init_params()
 
 
+@lru_cache(maxsize=4)
+def _fingerprint(config: RunConfig) -> str:
+    return fingerprint(_functional_model(config).module)
+
+
+@lru_cache(maxsize=16)
+def _config(run_config: tuple, task: str | None) -> RunConfig:
+    # Resolved once per process and run: every message of a run carries the same run config.
+    return RunConfig.from_run_config(dict(run_config), task=task)
+
+
 def torch_device(context: Context) -> torch.device:
     """Where this device computes: node config ``torch-device``, else $METAFLEET_TORCH_DEVICE, else the CPU.
 
@@ -143,14 +162,16 @@ def _client_data(config: RunConfig, client_id: int) -> ClientData:
 class Device:
     """What one device knows: the run's config, its own data, and whether it is held out.
 
-    A simulated device is a partition of a built-in data set (node config ``partition-id``); a deployed one
-    reads its own folder (node config ``data-dir``, ``client-id``, ``role`` = train or held-out), written
-    by ``metafleet client``.
+    A simulated device is a member of the run's fleet (node config ``partition-id``); a deployed one reads
+    its own folder (node config ``data-dir``, ``client-id``, ``role`` = train or held-out, and ``task``, its
+    own copy of a user task), written by ``metafleet client``.
     """
 
     def __init__(self, context: Context):
-        self.config = RunConfig.from_run_config(dict(context.run_config))
         node = context.node_config
+        own_task = str(node[NODE_TASK]) if node.get(NODE_TASK) else None
+        self.config = _config(tuple(sorted(context.run_config.items())), own_task)
+        self.data_dir = Path(str(node["data-dir"])) if "data-dir" in node else None
         self.torch_device = torch_device(context)
         self.fmodel = _functional_model(self.config, self.torch_device)
         if "data-dir" in node:
@@ -159,10 +180,7 @@ class Device:
             if role not in ("train", "held-out"):
                 raise DataError(f"node config role must be 'train' or 'held-out', got {role!r}")
             self.held_out = role == "held-out"
-            dataset, self._data = load_device_data(Path(str(node["data-dir"])), self.client_id)
-            if dataset != self.config.dataset:
-                raise DataError(
-                    f"this device's data is for the '{dataset}' model; the run trains '{self.config.dataset}'")
+            _, self._data = load_device_data(self.data_dir, self.client_id, self.config.task_definition)
             return
         if "partition-id" not in node:
             raise DataError("this node has neither 'data-dir' (a device) nor 'partition-id' (a simulated device) "
@@ -206,9 +224,26 @@ def query(msg: Message, context: Context) -> Message:
             "client-id": device.client_id,
             "role": "held-out" if device.held_out else "train",
             "num-examples": sum(len(s.support[0]) + len(s.query[0]) for s in device.data.splits),
+            "fingerprint": _fingerprint(device.config),
+            "task": device.config.dataset,
         }
     )
     return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.query(KEEP_MODEL_ACTION)
+def keep_model(msg: Message, context: Context) -> Message:
+    """The run's final meta-model: a deployed device keeps it and its personal model; a simulated one has no
+    folder of its own and only acknowledges."""
+    from metafleet.client.personalize import keep_final_models
+
+    device = Device(context)
+    params = device.received_params(msg)
+    written: dict[str, object] = {"kept": False}
+    if device.data_dir is not None:
+        written = keep_final_models(device.config, device.fmodel, device.on_device(params), device.data,
+                                    device.data_dir)
+    return Message(RecordDict({"info": ConfigRecord(written)}), reply_to=msg)
 
 
 @app.train()

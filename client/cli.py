@@ -1,10 +1,14 @@
 """``metafleet client``: a device joins the fleet, running Flower's SuperNode with the metafleet ClientApp.
 
     metafleet client --superlink server.example.org:9092 --data /var/lib/metafleet/data \\
-        --root-cert /etc/metafleet/ca.pem --key /etc/metafleet/device.key [--client-id 7] [--role train]
+        --root-cert /etc/metafleet/ca.pem --key /etc/metafleet/device.key [--client-id 7] [--role train] \\
+        [--task /etc/metafleet/task.py]
 
 The device's data folder (``data.npz``, format in ``metafleet.common.device_data``) is checked before
-connecting, so a missing or corrupt file fails here, with its name, not later inside a round. The SuperNode
+connecting, so a missing or corrupt file fails here, with its name, not later inside a round. With a user
+task, ``--task`` names the device's own copy of it; the server refuses a device whose model's fingerprint
+differs from its own. When the run ends the device writes ``meta-model.pt`` and ``personal-model.pt`` into
+its data folder (``metafleet predict --model DIR`` uses them). The SuperNode
 keeps retrying while the server is away (a restart, a network outage). Telemetry and runtime dependency
 installation are off.
 
@@ -48,7 +52,10 @@ SUPERNODE_EXITS = {
 def client_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metafleet client", description=__doc__.split("\n\n")[0])
     parser.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the server's address")
-    parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder holding this device's data.npz")
+    parser.add_argument("--data", type=Path, required=True, metavar="DIR",
+                        help="this device's data folder (data.npz or data.csv); the final models are written here")
+    parser.add_argument("--task", help="the task this device runs: a built-in's name, FILE.py or package.module[:attr] "
+                        "(default: the server's built-in task, or the task the data file names)")
     parser.add_argument("--root-cert", type=Path, metavar="CA.PEM", help="the fleet's CA certificate")
     parser.add_argument("--key", type=Path, metavar="DEVICE.KEY", help="this device's private key")
     parser.add_argument("--client-id", type=int, default=0, help="this device's number in reports (default 0)")
@@ -72,6 +79,8 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     if executable is None:
         raise MetafleetError("flower-supernode is not installed: pip install 'metafleet[client]'")
     node_config = f"data-dir='{args.data.resolve()}' client-id={args.client_id} role='{args.role}'"
+    if args.task:
+        node_config += f" task='{args.task}'"
     if args.secure_aggregation:
         node_config += f" secure-aggregation={args.secure_aggregation}"
     if args.torch_device:
@@ -94,7 +103,11 @@ def client_command(argv: list[str]) -> int:
     args = client_parser().parse_args(argv)
     if "'" in str(args.data.resolve()):
         raise MetafleetError("the data folder's path must not contain a quote (')")
-    dataset, examples = check_data_in_child(args.data, args.client_id, args.torch_device)
+    if args.task and Path(args.task).suffix == ".py":
+        args.task = str(Path(args.task).resolve())
+    if args.task and "'" in args.task:
+        raise MetafleetError("the task's path must not contain a quote (')")
+    dataset, examples = check_data_in_child(args.data, args.client_id, args.torch_device, args.task)
     if args.insecure:
         print("metafleet client: WARNING: --insecure: no TLS and no device key; anyone on the network can read "
               "and impersonate. For local trials only.", file=sys.stderr)
@@ -154,7 +167,7 @@ def client_command(argv: list[str]) -> int:
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metafleet export-device-data",
                                      description="Write a built-in data set's client as a device's data folder.")
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--dataset", required=True, help="a built-in task (or any task with data of its own)")
     parser.add_argument("--client", type=int, required=True, help="client id within the data set")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR")
     return parser
@@ -163,11 +176,11 @@ def export_parser() -> argparse.ArgumentParser:
 def export_device_data_command(argv: list[str]) -> int:
     from metafleet.common.config import RunConfig
     from metafleet.common.device_data import save_device_data
-    from metafleet.common.fleets import fleet_class
+    from metafleet.common.fleets import make_fleet
 
     args = export_parser().parse_args(argv)
-    config = RunConfig.resolve(dataset=args.dataset)
-    fleet = fleet_class(config.dataset).build(config, held_out=[])
+    config = RunConfig.resolve(task=args.dataset)
+    fleet = make_fleet(config)
     fleet.check_client_id(args.client)
     path = save_device_data(args.out, config.dataset, fleet.client(args.client))
     print(f"wrote {path}")
@@ -180,13 +193,15 @@ def _venv_path() -> str:
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
-def check_data_in_child(folder: Path, client_id: int, torch_device: str | None = None) -> tuple[str, int]:
+def check_data_in_child(folder: Path, client_id: int, torch_device: str | None = None,
+                        task: str | None = None) -> tuple[str, int]:
     """(data set, examples) of the device's data.npz, checked in a child process: this one stays for as long
     as the device is in the fleet, and the check imports torch, which would stay resident (about 220 MB).
     The child also checks the torch device (``torch_device``, else $METAFLEET_TORCH_DEVICE), so a device
     that cannot compute where it is told to stops before it joins the fleet."""
     result = subprocess.run([sys.executable, "-m", "metafleet.client.cli", "--check-data", str(folder),
-                             str(client_id), torch_device or ""], capture_output=True, text=True, timeout=600)
+                             str(client_id), torch_device or "", task or ""], capture_output=True, text=True,
+                            timeout=600)
     lines = result.stdout.strip().splitlines()
     try:
         answer = json.loads(lines[-1])
@@ -197,13 +212,13 @@ def check_data_in_child(folder: Path, client_id: int, torch_device: str | None =
     return answer["dataset"], answer["examples"]
 
 
-def _check_data(folder: str, client_id: str, torch_device: str) -> int:
+def _check_data(folder: str, client_id: str, torch_device: str, task: str) -> int:
     from metafleet.client.app import TORCH_DEVICE_ENV, resolve_torch_device
     from metafleet.common.device_data import load_device_data
 
     try:
         resolve_torch_device(torch_device or os.environ.get(TORCH_DEVICE_ENV, "cpu"))
-        dataset, data = load_device_data(Path(folder), int(client_id))
+        dataset, data = load_device_data(Path(folder), int(client_id), task or None)
     except MetafleetError as error:
         print(json.dumps({"error": str(error)}))
         return 2
@@ -291,6 +306,6 @@ def app_server(runtime_api_address: str, supernode_pid: int) -> None:
 
 if __name__ == "__main__":  # the device's helper processes, started by client_command
     if sys.argv[1:2] == ["--check-data"]:
-        sys.exit(_check_data(sys.argv[2], sys.argv[3], sys.argv[4]))
+        sys.exit(_check_data(*sys.argv[2:6]))
     if sys.argv[1:2] == ["--app-server"]:
         app_server(sys.argv[2], int(sys.argv[3]))

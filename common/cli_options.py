@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from metafleet.common.config import DATASETS, RunConfig
+from metafleet.common.config import RunConfig
 from metafleet.common.meta import ALGORITHMS
+from metafleet.common.tasks import BUILTIN_TASKS
 
 
 def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASETS, default="sinusoid")
+    parser.add_argument("--dataset", choices=list(BUILTIN_TASKS),
+                        help="a built-in task with its own data (default sinusoid); the same as --task NAME")
+    parser.add_argument("--task", metavar="TASK",
+                        help="the task: a built-in's name, FILE.py, package.module or package.module:attr "
+                        "(make_model() and objective; see metafleet.common.task)")
+    parser.add_argument("--data", metavar="FLEET_DIR",
+                        help="a folder fleet: FLEET_DIR/<device>/data.npz (or data.csv), one folder a device; "
+                        "the fleet's size is its device count")
+    parser.add_argument("--held-out-devices", metavar="NAME,...",
+                        help="devices of a folder fleet held out by name (default: --fold picks them)")
     parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="reptile")
     parser.add_argument("--clients", type=int, help="fleet size, held-out clients included")
     parser.add_argument("--held-out-clients", type=int, help="clients never trained on (default: a tenth, min 1)")

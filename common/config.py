@@ -9,51 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from metafleet.common.errors import ConfigError
 from metafleet.common.meta import ALGORITHMS, HEAD_INITS
 from metafleet.common.optim import OUTER_OPTIMIZERS
+from metafleet.common.task import Task, load_task
+from metafleet.common.tasks import BUILTIN_TASKS
 
-DATASETS = ("sinusoid", "watch", "omniglot", "fashion-mnist", "shakespeare")
-# Whose models are head(features(x)) classifiers (Shakespeare's head reads every time step of an LSTM).
-PROTOTYPE_DATASETS = ("watch", "omniglot", "fashion-mnist")
-# Run-config keys for the server process only (where to write, whether to resume), with their defaults;
-# devices ignore them.
-SERVER_OPTION_DEFAULTS = {"out-dir": "", "resume": False, "node-wait-seconds": 120.0, "round-timeout": 600.0}
-
-
-@dataclass(frozen=True)
-class DatasetDefaults:
-    shots: int
-    query_shots: int
-    inner_lr: float
-    eval_steps: tuple[int, ...]
-    clients: int
-    held_out_clients: int
-    ways: int = 0
-    eval_episodes: int = 1
-    train_shots: int = 0
-    # Where the meta methods' adaptation starts (fedavg always keeps its learned head), and the inner and
-    # Adam server lrs and training ways that go with a prototype head (0: the usual defaults).
-    meta_head_init: str = "learned"
-    prototype_inner_lr: float = 0.0
-    prototype_outer_lr: float = 0.0
-    prototype_train_ways: int = 0
-    # FedAvg's fine-tuning step size on held-out devices (0: inner_lr), chosen on validation clients.
-    finetune_lr: float = 0.0
-
-
-# Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
-DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
-    "sinusoid": DatasetDefaults(10, 10, 0.02, (0, 1, 5, 10), clients=200, held_out_clients=20),
-    "watch": DatasetDefaults(5, 10, 0.05, (0, 1, 5), clients=10, held_out_clients=2, finetune_lr=0.002),
-    "omniglot": DatasetDefaults(1, 5, 0.1, (0, 1, 5, 10), clients=8, held_out_clients=2, ways=5, eval_episodes=10,
-                                train_shots=5, meta_head_init="prototypes", prototype_inner_lr=0.001,
-                                prototype_outer_lr=0.001, prototype_train_ways=20),
-    "fashion-mnist": DatasetDefaults(20, 20, 0.05, (0, 1, 5), clients=100, held_out_clients=10),
-    "shakespeare": DatasetDefaults(16, 16, 0.8, (0, 1, 5), clients=100, held_out_clients=10),
-}
+# Run-config keys for the server process only (where to write, whether to resume, whether devices get the
+# final model), with their defaults; devices ignore them.
+SERVER_OPTION_DEFAULTS = {"out-dir": "", "resume": False, "node-wait-seconds": 120.0, "round-timeout": 600.0,
+                          "deliver-models": False}
 
 # FedAvg keeps its classical server (SGD with step 1 on θ − θ', i.e. model averaging). The meta methods
 # use Adam on the server: their pseudo-gradients (Reptile's θ − θ' after a few small steps, or query
@@ -72,7 +40,15 @@ SECAGG_RANGE_DEFAULTS = {"fedavg": 8.0, "reptile": 8.0, "fomaml": 64.0, "maml": 
 class RunConfig:
     """Everything that determines a run. Build it with ``RunConfig.resolve(...)``, which validates it."""
 
+    # The task's name (a built-in's, or a user task's ``name``): what reports and run directories call it.
     dataset: str = "sinusoid"
+    # What loads the task (``metafleet.common.task.load_task``): a built-in's name, a file's absolute path, or
+    # package.module[:attr]; "" before resolving means the built-in named by ``dataset``.
+    task: str = ""
+    # A folder fleet (FLEET/<device>/data.npz or data.csv, absolute); "" for a task's own data (built-ins).
+    data: str = ""
+    # Devices of a folder fleet held out by name, comma-separated ("" : the fold decides).
+    held_out_devices: str = ""
     algorithm: str = "reptile"
     clients: int = 0
     held_out_clients: int = 0
@@ -137,18 +113,26 @@ class RunConfig:
         unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(unknown[0], given[unknown[0]], "is not a known config field")
-        dataset = given.get("dataset", cls.dataset)
-        if dataset not in DATASETS:
-            raise ConfigError("dataset", dataset, f"must be one of {list(DATASETS)}")
+        if not given.get("task") and given.get("dataset", cls.dataset) not in BUILTIN_TASKS:
+            raise ConfigError("dataset", given["dataset"], f"must be one of {list(BUILTIN_TASKS)} (the built-in tasks; "
+                              "a task of your own is task FILE.py or package.module)")
+        task = load_task(given.get("task") or given.get("dataset") or cls.dataset)
+        if given.get("task") and given.get("dataset") not in (None, task.name):
+            raise ConfigError("dataset", given["dataset"], f"names another task than task {given['task']!r} "
+                              f"({task.name!r}); give one of the two")
+        given["task"], given["dataset"] = task.spec, task.name
+        if given.get("data"):
+            _resolve_fleet(given)
         algorithm = given.get("algorithm", cls.algorithm)
         if algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", algorithm, f"must be one of {sorted(ALGORITHMS)}")
-        defaults = DATASET_DEFAULTS[dataset]
+        defaults = task.defaults
         filled: dict[str, Any] = {
             "clients": defaults.clients,
             "shots": defaults.shots,
             "query_shots": defaults.query_shots,
             "inner_lr": defaults.inner_lr,
+            "inner_steps": defaults.inner_steps,
             "eval_steps": defaults.eval_steps,
             "ways": defaults.ways,
             "eval_episodes": defaults.eval_episodes,
@@ -157,6 +141,9 @@ class RunConfig:
             "outer_optimizer": ALGORITHM_OUTER_OPTIMIZER[algorithm],
         }
         filled.update(given)
+        if not filled["clients"]:
+            raise ConfigError("clients", 0, f"must be given: task {task.name} has no fleet of its own (give a folder "
+                              "fleet with --data FLEET_DIR, or the number of devices with --clients N)")
         if filled["head_init"] == "prototypes":
             if "inner_lr" not in given and defaults.prototype_inner_lr:
                 filled["inner_lr"] = defaults.prototype_inner_lr
@@ -167,15 +154,15 @@ class RunConfig:
         if "held_out_clients" not in given:
             filled["held_out_clients"] = (
                 defaults.held_out_clients
-                if filled["clients"] == defaults.clients
+                if defaults.held_out_clients and filled["clients"] == defaults.clients
                 else max(1, filled["clients"] // 10)
             )
         if "clients_per_round" not in given:
-            filled["clients_per_round"] = min(10, filled["clients"] - filled["held_out_clients"])
+            filled["clients_per_round"] = max(1, min(10, filled["clients"] - filled["held_out_clients"]))
         if "min_replies" not in given and filled.get("secure_aggregation"):
             filled["min_replies"] = 2
         if "outer_lr" not in given:
-            filled["outer_lr"] = OUTER_LR_DEFAULTS.get(filled["outer_optimizer"], 0.0)
+            filled["outer_lr"] = defaults.outer_lr or OUTER_LR_DEFAULTS.get(filled["outer_optimizer"], 0.0)
             prototype_adam = filled["head_init"] == "prototypes" and filled["outer_optimizer"] == "adam"
             if prototype_adam and defaults.prototype_outer_lr:
                 filled["outer_lr"] = defaults.prototype_outer_lr
@@ -195,8 +182,7 @@ class RunConfig:
                 not isinstance(value, expected) or (expected is not bool and isinstance(value, bool))
             ):
                 raise ConfigError(f.name, value, f"must be of type {f.type}")
-        if self.dataset not in DATASETS:
-            raise ConfigError("dataset", self.dataset, f"must be one of {list(DATASETS)}")
+        task = self.task_definition
         if self.algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", self.algorithm, f"must be one of {sorted(ALGORITHMS)}")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
@@ -222,8 +208,11 @@ class RunConfig:
                  "can exceed ways only with head_init 'prototypes' (a learned head would score classes an "
                  "evaluation episode lacks)")
         _require(self, "head_init", self.head_init in HEAD_INITS, f"must be one of {list(HEAD_INITS)}")
-        _require(self, "head_init", self.head_init != "prototypes" or self.dataset in PROTOTYPE_DATASETS,
-                 f"'prototypes' needs a classifier with a linear head: one of {list(PROTOTYPE_DATASETS)}")
+        _require(self, "head_init", self.head_init != "prototypes" or task.prototype_heads,
+                 f"'prototypes' needs a classifier with a linear head, which task {task.name} does not declare "
+                 "(prototype_heads = True)")
+        _require(self, "held_out_devices", not self.held_out_devices or (self.data and self.fold == 0),
+                 "needs a folder fleet (data) and fold 0: named devices replace the fold's choice")
         _require(self, "eval_every", self.eval_every >= 1, "must be >= 1")
         steps = list(self.eval_steps)
         _require(self, "eval_steps", bool(steps) and steps[0] == 0 and steps == sorted(set(steps)),
@@ -254,6 +243,15 @@ class RunConfig:
         _require(self, "eval_episodes", 1 <= self.eval_episodes <= 100, "must be in [1, 100]")
         _require(self, "fold", 0 <= self.fold < self.folds,
                  f"must be in [0, {self.folds}) ({self.clients} clients, {self.held_out_clients} held out per fold)")
+
+    @property
+    def task_definition(self) -> Task:
+        """The loaded task (once per process)."""
+        return load_task(self.task or self.dataset)
+
+    @property
+    def held_out_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.held_out_devices.split(",") if name.strip())
 
     @property
     def folds(self) -> int:
@@ -327,9 +325,37 @@ class RunConfig:
         return flat
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
+    def from_run_config(cls, run_config: dict[str, Any], task: str | None = None) -> RunConfig:
+        """The config a run's devices read; ``task`` is a deployed device's own task (its copy of the file),
+        used in place of the server's path, with the device's own folder in place of the server's fleet."""
         learning = {k: v for k, v in run_config.items() if k not in SERVER_OPTION_DEFAULTS}
+        if task:
+            learning = {**learning, "task": task, "data": "", "held-out-devices": ""}
+            learning.pop("dataset", None)
         return cls.resolve(**{key.replace("-", "_"): value for key, value in learning.items()})
+
+
+def _resolve_fleet(given: dict[str, Any]) -> None:
+    """A folder fleet decides the client count, and named held-out devices the held-out count."""
+    from metafleet.common.folder_fleet import fleet_devices
+
+    folder = str(Path(given["data"]).expanduser().resolve())
+    devices = fleet_devices(folder)
+    given["data"] = folder
+    if given.get("clients") not in (None, len(devices)):
+        raise ConfigError("clients", given["clients"], f"must be {len(devices)}, the devices in {folder} (or left out)")
+    given["clients"] = len(devices)
+    names = [name.strip() for name in str(given.get("held_out_devices", "")).split(",") if name.strip()]
+    if names:
+        unknown = sorted(set(names) - set(devices))
+        if unknown:
+            raise ConfigError("held_out_devices", given["held_out_devices"], f"names devices {unknown} that {folder} "
+                              "does not hold")
+        if given.get("held_out_clients") not in (None, len(names)):
+            raise ConfigError("held_out_clients", given["held_out_clients"],
+                              f"must be {len(names)}, the devices named held out (or left out)")
+        given["held_out_clients"] = len(names)
+        given["held_out_devices"] = ",".join(sorted(set(names)))
 
 
 def _require(config: RunConfig, name: str, ok: bool, requirement: str) -> None:

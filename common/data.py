@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from metafleet.common.config import RunConfig
 from metafleet.common.errors import DataError
-from metafleet.common.meta import Batch, Episode, Objective
+from metafleet.common.meta import Batch, Episode
 
 SAMPLINGS = ("per-class", "uniform")
 # Applied to a training episode's inputs with the episode's generator; evaluation episodes never see it.
@@ -154,30 +152,15 @@ def validate_batch(batch: Batch, input_shape: tuple[int, ...], num_classes: int 
 
 
 class Fleet(ABC):
-    """A federated data set: clients ``0..num_clients-1``, each a device with private data."""
+    """A federated data set: clients ``0..num_clients-1``, each a device with private data.
+
+    The model and the objective belong to the task (``metafleet.common.task``); a fleet is only the data."""
 
     name: str
-    objective: Objective
     input_shape: tuple[int, ...]
     num_classes: int | None
     # How its clients draw episodes: "per-class" (shots per class) or "uniform" (shots in all).
     sampling: str = "per-class"
-    # True where the seed deals the data (a generated or randomly partitioned fleet): client 3 of seed 0 and
-    # client 3 of seed 1 are then different devices, not one device measured twice.
-    clients_depend_on_seed: bool = False
-
-    @classmethod
-    def episode_examples(cls, config: RunConfig) -> int:
-        """Examples in one training episode: every client's aggregation weight, and so SecAgg+'s max weight."""
-        per_class = config.training_shots + config.query_shots
-        if cls.sampling == "uniform" or (cls.num_classes is None and not config.training_ways):
-            return per_class
-        return per_class * (config.training_ways or cls.num_classes)
-
-    @classmethod
-    @abstractmethod
-    def build(cls, config: RunConfig, held_out: Sequence[int]) -> Fleet:
-        """The fleet a run configuration names; ``held_out`` lists the clients never trained on."""
 
     @property
     @abstractmethod
@@ -187,11 +170,9 @@ class Fleet(ABC):
     def client(self, client_id: int) -> ClientData:
         """The client's data, validated."""
 
-    @classmethod
-    @abstractmethod
-    def make_model(cls, ways: int = 0) -> nn.Module:
-        """A fresh model (``ways`` outputs where episodes use that many classes); needs no data, so the
-        server can build it too."""
+    def device_name(self, client_id: int) -> str:
+        """What reports call the client (a folder fleet's device folder; else its number)."""
+        return str(client_id)
 
     def check_client_id(self, client_id: int) -> None:
         if not 0 <= client_id < self.num_clients:

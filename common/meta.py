@@ -36,6 +36,9 @@ class Objective:
     loss: Callable[[Tensor, Tensor], Tensor]
     metric: Callable[[Tensor, Tensor], Tensor]
     higher_is_better: bool
+    # Targets are class ids (integers): support sets are stratified by them and labels checked against the
+    # model's outputs.
+    class_targets: bool = False
 
 
 def flat_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -49,7 +52,7 @@ def _accuracy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 REGRESSION = Objective("mse", F.mse_loss, F.mse_loss, higher_is_better=False)
-CLASSIFICATION = Objective("accuracy", flat_cross_entropy, _accuracy, higher_is_better=True)
+CLASSIFICATION = Objective("accuracy", flat_cross_entropy, _accuracy, higher_is_better=True, class_targets=True)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class FunctionalModel:
         if head_init not in HEAD_INITS:
             raise ConfigError("head_init", head_init, f"must be one of {list(HEAD_INITS)}")
         if head_init == "prototypes" and not (
-            objective.higher_is_better
+            objective.class_targets
             and isinstance(getattr(module, "features", None), nn.Module)
             and isinstance(getattr(module, "head", None), nn.Linear)
         ):
@@ -361,7 +364,7 @@ def cross_validation_folds(support: Batch, objective: Objective, max_folds: int 
     folds = min(max_folds, count)
     if folds < 2:
         return []
-    if objective.higher_is_better and y.dim() == 1:  # one label an example: stratify by it
+    if objective.class_targets and y.dim() == 1:  # one label an example: stratify by it
         _, inverse, per_class = torch.unique(y, return_inverse=True, return_counts=True)
         if int(per_class.max()) < 2:
             return []

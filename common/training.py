@@ -84,7 +84,9 @@ def meta_train_centralized(
     A reference for tests and for checking that the federated path changes nothing.
     """
     torch.manual_seed(config.seed)
-    fmodel = FunctionalModel(fleet.make_model(config.head_ways), fleet.objective, config.head_init)
+    from metafleet.common.fleets import functional_model
+
+    fmodel = functional_model(config)
     params = fmodel.init_params()
     optimizer: OuterOptimizer = make_outer_optimizer(config.outer_optimizer, config.outer_lr)
     rng = np.random.default_rng(config.seed)

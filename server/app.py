@@ -24,11 +24,12 @@ from metafleet.common.config import SERVER_OPTION_DEFAULTS, RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.fleets import make_model
 from metafleet.common.records import to_array_record
+from metafleet.common.task import fingerprint
 from metafleet.server.grid import MeteredGrid
 from metafleet.server.report import metric_name, write_report
 from metafleet.server.rundir import RunDirectory
 from metafleet.server.secure import SecureAggregation
-from metafleet.server.strategy import MetaStrategy, make_strategy, short_reason
+from metafleet.server.strategy import MetaStrategy, Rejection, make_strategy, short_reason
 
 log = logging.getLogger("metafleet.server")
 # Nodes asked at once who they are. Flower's in-memory LinkState (the Simulation Engine's) scans every stored
@@ -106,7 +107,8 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDirectory, options: dict[s
     secure = None
     if config.secure_aggregation:
         secure = SecureAggregation(strategy, grid.run.run_id, options["round-timeout"])
-    discover_fleet(grid, strategy, expected=config.clients, wait_seconds=float(options["node-wait-seconds"]))
+    discover_fleet(grid, strategy, expected=config.clients, wait_seconds=float(options["node-wait-seconds"]),
+                   model_fingerprint=fingerprint(make_model(config)))
     started = time.monotonic()
     if start_round == 1:
         # Round 0 personalizes the untrained initialization: the local-only baseline (training on the
@@ -142,8 +144,13 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDirectory, options: dict[s
         run_dir.save_checkpoint(server_round, {**strategy.state_dict(), "wall_seconds": wall})
         _show_progress(config, server_round, train_row, evaluation, round_seconds)
 
+    delivered = None
+    if options["deliver-models"]:
+        delivered = deliver_final_model(grid, strategy, options["round-timeout"])
+        _add_traffic(grid, strategy)
     extra = {
         "privacy": _privacy_summary(config, strategy),
+        "devices_keeping_models": delivered,
         "bytes_up": strategy.bytes_up,
         "bytes_down": strategy.bytes_down,
         "wall_seconds": wall_before + time.monotonic() - started,
@@ -173,8 +180,29 @@ def _privacy_summary(config: RunConfig, strategy: MetaStrategy) -> dict[str, Any
     }
 
 
-def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_seconds: float) -> None:
-    """Ask every node who it is; training and held-out nodes are ordered by client id for reproducibility."""
+def deliver_final_model(grid: Grid, strategy: MetaStrategy, timeout: float) -> int:
+    """Every device, training and held-out, gets the final meta-model and keeps it with its personal model
+    (``query.keep_model``); returns how many wrote both."""
+    arrays = to_array_record(strategy.params)
+    nodes = strategy.training_nodes + strategy.held_out_nodes
+    messages = [Message(RecordDict({"arrays": arrays}), node, f"{MessageType.QUERY}.keep_model") for node in nodes]
+    kept = 0
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d could not keep the final model: %s", node, short_reason(reply.error.reason))
+        elif reply.content["info"].get("kept"):
+            kept += 1
+    log.info("final meta-model and personal models kept on %d of %d devices", kept, len(nodes))
+    return kept
+
+
+def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_seconds: float,
+                   model_fingerprint: str | None = None) -> None:
+    """Ask every node who it is; training and held-out nodes are ordered by client id for reproducibility.
+
+    A node whose model's fingerprint (parameter names, shapes, dtypes) differs from the server's runs another
+    model: it is refused, and the run goes on with the others."""
     deadline = time.monotonic() + wait_seconds
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < expected and time.monotonic() < deadline:
@@ -204,6 +232,13 @@ def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_secon
             log.warning("node %d could not say who it is and takes no part: %s", node, short_reason(reply.error.reason))
             continue
         info = reply.content["info"]
+        theirs = info.get("fingerprint")
+        if model_fingerprint is not None and theirs != model_fingerprint:
+            reason = (f"its model (task {info.get('task')!r}, fingerprint {theirs}) differs from the server's "
+                      f"(fingerprint {model_fingerprint}): it runs another task or model, and takes no part")
+            log.warning("node %d (client %s) refused: %s", node, info.get("client-id"), reason)
+            strategy.rejections.append(Rejection(0, node, reason))
+            continue
         (held_out if info["role"] == "held-out" else training).append((int(info["client-id"]), node))
     strategy.training_nodes = [node for _, node in sorted(training)]
     strategy.held_out_nodes = [node for _, node in sorted(held_out)]

@@ -2,11 +2,14 @@
 
     metafleet server --certs certs --host 0.0.0.0 --port 9092 --out runs/watch \\
         --dataset watch --algorithm reptile --clients 10 --rounds 100
+    metafleet server --certs certs --task my_task.py --clients 20 --rounds 100 --out runs/mine
 
 Starts ``flower-superlink`` with TLS (``CERTS/ca.pem``, ``server.pem``, ``server.key``) and SuperNode
 authentication, registers every device key in ``CERTS/devices/*.pub``, submits the meta-learning run, follows
 it, and leaves the run directory as ``metafleet simulate`` does. ``--clients`` is the number of devices
 expected (held-out ones included); training starts when they are connected or after ``--node-wait-seconds``.
+A device whose model's fingerprint differs from the server's task is refused (the others go on). When the
+run ends, every device receives the final meta-model and keeps it with its personal model.
 Stopping it (Ctrl-C, SIGTERM) stops the SuperLink and the run it started; ``--resume DIR`` continues a
 stopped run from its last checkpoint. ``--insecure`` (no TLS, no device keys) is for local trials.
 """
@@ -126,6 +129,8 @@ def run_server(
             run_config = {
                 **config.to_run_config(), "out-dir": str(out.resolve()), "resume": resume,
                 "node-wait-seconds": node_wait_seconds, "round-timeout": round_timeout,
+                # Every device keeps the final meta-model and its personal model in its own folder.
+                "deliver-models": True,
             }
             app_dir = write_app_dir(Path(work) / "app", run_config)
             print(f"metafleet server: listening on {host}:{port} ({'insecure' if files is None else 'TLS, device keys'}"

@@ -7,14 +7,13 @@ import logging
 from typing import Any
 
 from metafleet.common.config import RunConfig
-from metafleet.common.fleets import fleet_class
 from metafleet.server.rundir import RunDirectory, atomic_write_json
 
 log = logging.getLogger("metafleet.server")
 
 
 def metric_name(config: RunConfig) -> str:
-    return fleet_class(config.dataset).objective.metric_name
+    return config.task_definition.objective.metric_name
 
 
 def build_summary(config: RunConfig, rows: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:

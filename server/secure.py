@@ -35,7 +35,6 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from metafleet.common.fleets import fleet_class
 from metafleet.common.meta import Params, check_update
 from metafleet.common.records import to_array_record
 from metafleet.server.grid import MeteredGrid
@@ -63,7 +62,7 @@ class SecureAggregation:
         # Every client's weight is its episode size (1 under differential privacy, where the mean is
         # unweighted); SecAgg+ scales an update by weight / max_weight before quantizing, so max_weight is
         # the largest weight and costs no precision.
-        self.max_weight = 1 if self.config.differential_privacy else fleet_class(self.config.dataset).episode_examples(
+        self.max_weight = 1 if self.config.differential_privacy else self.config.task_definition.episode_examples(
             self.config
         )
 

@@ -139,12 +139,12 @@ def prepare(work: Path) -> None:
     """Certificates for the server and three devices, and the devices' data folders."""
     from metafleet.common.config import RunConfig
     from metafleet.common.device_data import save_device_data
-    from metafleet.common.fleets import fleet_class
+    from metafleet.common.task import load_task
     from metafleet.server.certs import make_certificates
 
     make_certificates(work / "certs", [], ["dev0", "dev1", "dev2"])
     config = RunConfig.resolve(dataset="watch")
-    fleet = fleet_class("watch").build(config, held_out=[])
+    fleet = load_task("watch").make_fleet(config, [])
     for client in range(3):
         save_device_data(work / f"data{client}", "watch", fleet.client(client))
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from metafleet.common.config import RunConfig
-from metafleet.common.fleets import make_fleet
-from metafleet.common.meta import FunctionalModel, adapt, local_update
+from metafleet.common.fleets import functional_model, make_fleet
+from metafleet.common.meta import adapt, local_update
 
 
 def _watch_episode(shots: int = 5, query_shots: int = 10):
@@ -36,7 +36,7 @@ def _watch_episode(shots: int = 5, query_shots: int = 10):
 def adaptation_latency(repeats: int) -> dict:
     torch.set_num_threads(1)
     fleet, episode = _watch_episode()
-    fmodel = FunctionalModel(fleet.make_model(), fleet.objective)
+    fmodel = functional_model(RunConfig.resolve(dataset="watch"))
     params = fmodel.init_params()
     adapt(fmodel, params, episode.support, 5, 0.05)  # warm-up: first-call dispatch costs are not the steady state
     times = []
@@ -60,7 +60,7 @@ def memory_case(algorithm: str, steps: int) -> dict:
     """Run in a fresh process: the peak RSS one local update adds on top of a warmed-up process."""
     torch.set_num_threads(1)
     fleet, episode = _watch_episode()
-    fmodel = FunctionalModel(fleet.make_model(), fleet.objective)
+    fmodel = functional_model(RunConfig.resolve(dataset="watch"))
     params = fmodel.init_params()
     fmodel.loss(params, episode.query).item()  # forward once so that allocator pools exist already
     before = _peak_rss_mb()

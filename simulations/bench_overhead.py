@@ -263,14 +263,14 @@ def flower_baseline_train(msg, context):
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
     from metafleet.common.config import RunConfig
-    from metafleet.common.fleets import make_fleet
-    from metafleet.common.meta import FunctionalModel, adapt
+    from metafleet.common.fleets import functional_model, make_fleet
+    from metafleet.common.meta import adapt
 
     key = tuple(sorted(context.run_config.items()))
     if key not in _baseline_cache:  # a Flower app loads its data once per process too
         config = RunConfig.from_run_config(dict(context.run_config))
         fleet = make_fleet(config)
-        _baseline_cache[key] = (config, fleet, FunctionalModel(fleet.make_model(config.ways), fleet.objective), {})
+        _baseline_cache[key] = (config, fleet, functional_model(config), {})
     config, fleet, fmodel, clients = _baseline_cache[key]
     partition = int(context.node_config["partition-id"])
     if partition not in clients:

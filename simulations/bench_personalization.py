@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from metafleet.common.config import DATASETS, RunConfig
+from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.errors import MetafleetError
-from metafleet.common.fleets import fleet_class
+from metafleet.common.task import BenchmarkPlan, BenchmarkSetting, load_task
+from metafleet.common.tasks import BUILTIN_TASKS
 from metafleet.simulations.cli import BACKENDS
 
 ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml")
@@ -49,51 +50,34 @@ ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml")
 COLORS = {"local-only": "C0", "fedavg+ft": "C1", "fedavg": "C1", "reptile": "C2", "fomaml": "C3", "maml": "C4"}
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One table of the benchmark: a dataset with fixed shots (and ways) and its run lengths."""
-
-    label: str
-    overrides: dict[str, Any]
+Setting = BenchmarkSetting
 
 
 @dataclass(frozen=True)
 class Plan:
+    """The runs of one benchmark: a task (``dataset``: its name or spec) on its own data or a folder fleet."""
+
     dataset: str
     settings: tuple[Setting, ...]
     rounds: int
     folds: tuple[int, ...]
     seeds: tuple[int, ...]
     common: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
 
 
-def plan_for(dataset: str, quick: bool) -> Plan:
-    """The runs behind a dataset's table. ``--quick`` keeps one setting, one fold and one seed, few rounds."""
-    if dataset == "watch":
-        settings = (Setting("7-way 5-shot", {"shots": 5}), Setting("7-way 1-shot", {"shots": 1}))
-        full = Plan(dataset, settings, rounds=100, folds=tuple(range(5)), seeds=(0, 1),
-                    common={"eval_every": 20, "clients_per_round": 8})
-    elif dataset == "omniglot":
-        settings = (Setting("5-way 1-shot", {"ways": 5, "shots": 1}),
-                    Setting("20-way 1-shot", {"ways": 20, "shots": 1}))
-        # One seed: the seed also deals the folds, and seed 1's fold 1 holds out Early Aramaic and Katakana,
-        # the alphabets Omniglot's defaults were chosen on (seed 0's fold 2), which a table must not report.
-        full = Plan(dataset, settings, rounds=100, folds=(0, 1), seeds=(0,), common={"eval_every": 50})
-    elif dataset == "fashion-mnist":
-        full = Plan(dataset, (Setting("20-shot (label skew)", {"shots": 20}),), rounds=60, folds=(0,),
-                    seeds=(0, 1, 2), common={"eval_every": 20})
-    elif dataset == "shakespeare":
-        full = Plan(dataset, (Setting("next character", {}),), rounds=60, folds=(0,), seeds=(0, 1),
-                    common={"eval_every": 30})
-    elif dataset == "sinusoid":
-        full = Plan(dataset, (Setting("10-shot", {}),), rounds=100, folds=(0,), seeds=(0, 1),
-                    common={"clients": 200, "clients_per_round": 25, "inner_steps": 3, "eval_every": 50})
-    else:
-        raise MetafleetError(f"no benchmark plan for dataset {dataset!r}")
+def plan_for(task_spec: str, quick: bool, data: str = "") -> Plan:
+    """The runs behind a task's table: the task's ``benchmark`` plan, or one setting of its defaults for 50
+    rounds, fold 0, seeds 0 and 1. ``--quick`` keeps one setting, one fold and one seed, few rounds."""
+    task = load_task(task_spec)
+    declared = task.benchmark or BenchmarkPlan()
+    full = Plan(task.spec, declared.settings, declared.rounds, declared.folds, declared.seeds, dict(declared.common),
+                data)
     if not quick:
         return full
-    return Plan(dataset, full.settings[:1], rounds=max(5, full.rounds // 10), folds=full.folds[:1],
-                seeds=full.seeds[:1], common={**full.common, "eval_every": max(5, full.rounds // 10)})
+    return dataclasses.replace(full, settings=full.settings[:1], rounds=max(5, full.rounds // 10),
+                               folds=full.folds[:1], seeds=full.seeds[:1],
+                               common={**full.common, "eval_every": max(5, full.rounds // 10)})
 
 
 def run_name(setting: Setting, algorithm: str, fold: int, seed: int) -> str:
@@ -162,8 +146,8 @@ def run_all(plan: Plan, out: Path, algorithms: Sequence[str], execution: Executi
         name = run_name(setting, algorithm, fold, seed)
         run_dir = out / "runs" / name
         runs[name] = run_dir
-        config = RunConfig.resolve(dataset=plan.dataset, algorithm=algorithm, rounds=plan.rounds, fold=fold,
-                                   seed=seed, **plan.common, **setting.overrides)
+        config = RunConfig.resolve(task=plan.dataset, data=plan.data or None, algorithm=algorithm,
+                                   rounds=plan.rounds, fold=fold, seed=seed, **plan.common, **setting.overrides)
         if (run_dir / "summary.json").is_file():
             _check_finished_run(run_dir, config)
             continue
@@ -208,7 +192,7 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
     """Result rows (one per setting, method and step count) and the curves over rounds for the plots."""
     # A client is a device: the same subject, alphabet or role under every seed, but a new draw of data
     # under each seed where the seed deals it (then it is never averaged with its namesake of another seed).
-    per_seed_clients = fleet_class(plan.dataset).clients_depend_on_seed
+    per_seed_clients = load_task(plan.dataset).clients_depend_on_seed and not plan.data
     rows, over_rounds = [], {}
     for setting in plan.settings:
         per_method: dict[str, dict[tuple[str, int], list[float]]] = {}
@@ -250,7 +234,7 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                                for c in clients])
             for index, step in enumerate(steps):
                 mean, ci = mean_and_ci95(curves[:, index])
-                rows.append({"dataset": plan.dataset, "setting": setting.label, "algorithm": method,
+                rows.append({"dataset": load_task(plan.dataset).name, "setting": setting.label, "algorithm": method,
                              "shots": setting.overrides.get("shots"), "steps": step, "metric": metric,
                              "mean": mean, "ci95": ci, "clients": len(clients), "seeds": len(plan.seeds),
                              "rounds": plan.rounds, "wall_seconds": walls[method],
@@ -263,12 +247,16 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
 
 
 def write_results(plan: Plan, out: Path, rows: list[dict], over_rounds: dict, elapsed: float) -> None:
-    results = {"dataset": plan.dataset, "rounds": plan.rounds, "folds": list(plan.folds), "seeds": list(plan.seeds),
+    name = load_task(plan.dataset).name
+    results = {"dataset": name, "data": plan.data, "rounds": plan.rounds, "folds": list(plan.folds),
+               "seeds": list(plan.seeds),
                "bench_wall_seconds": elapsed, "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     pooling = ("each seed deals new clients, so a client of one seed counts on its own"
-               if fleet_class(plan.dataset).clients_depend_on_seed else "each client's value averaged over seeds")
-    lines = [f"# Personalization benchmark: {plan.dataset}", "",
+               if load_task(plan.dataset).clients_depend_on_seed and not plan.data
+               else "each client's value averaged over seeds")
+    fleet = f" on the fleet in {plan.data}" if plan.data else ""
+    lines = [f"# Personalization benchmark: {name}{fleet}", "",
              f"{plan.rounds} rounds, folds {list(plan.folds)}, seeds {list(plan.seeds)}; mean ± 95% CI over the "
              "held-out clients pooled across folds (" + pooling + ").", ""]
     for setting in plan.settings:
@@ -339,7 +327,7 @@ def _plot(plan: Plan, out: Path, rows: list[dict], over_rounds: dict) -> None:
             left.plot(steps, mean, marker="o", label=method, color=COLORS.get(method))
             left.fill_between(steps, mean - ci, mean + ci, alpha=0.2, color=COLORS.get(method))
         left.set(xlabel="adaptation steps on the support set", ylabel=chosen[0]["metric"],
-                 title=f"{plan.dataset} {setting.label}: held-out clients (95% CI)")
+                 title=f"{load_task(plan.dataset).name} {setting.label}: held-out clients (95% CI)")
         left.legend()
         for (label, algorithm), by_round in over_rounds.items():
             if label != setting.label:
@@ -354,14 +342,14 @@ def _plot(plan: Plan, out: Path, rows: list[dict], over_rounds: dict) -> None:
         plt.close(figure)
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``--seeds 0,1,2`` as distinct non-negative integers, in the order given."""
+def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+    """``--seeds 0,1,2`` (or ``--folds``) as distinct non-negative integers, in the order given."""
     try:
         seeds = tuple(int(part) for part in text.split(","))
     except ValueError:
         seeds = ()
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise MetafleetError(f"--seeds must be distinct integers >= 0, comma-separated, got {text!r}")
+        raise MetafleetError(f"{option} must be distinct integers >= 0, comma-separated, got {text!r}")
     return seeds
 
 
@@ -371,7 +359,10 @@ def personalization_command(argv: list[str]) -> int:
         description="Compare fedavg, fedavg+fine-tuning, local-only training, reptile, fomaml and maml on "
         "held-out clients, through real federated runs. Writes results.json, results.md and plots.",
     )
-    parser.add_argument("--dataset", choices=DATASETS, required=True)
+    parser.add_argument("--dataset", choices=list(BUILTIN_TASKS), help="a built-in task (the same as --task NAME)")
+    parser.add_argument("--task", help="the task: a built-in's name, FILE.py or package.module[:attr]")
+    parser.add_argument("--data", metavar="FLEET_DIR", help="a folder fleet for the task (FLEET_DIR/<device>/data.npz)")
+    parser.add_argument("--folds", help="comma-separated folds to hold out in turn (default: the plan's)")
     parser.add_argument("--quick", action="store_true", help="one setting, one fold, one seed, few rounds")
     parser.add_argument("--out", type=Path, required=True, help="benchmark directory (reruns continue in it)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (fedavg is required)")
@@ -395,7 +386,14 @@ def personalization_command(argv: list[str]) -> int:
     unknown = sorted(set(algorithms) - set(ALGORITHMS))
     if unknown or "fedavg" not in algorithms:
         raise MetafleetError(f"--algorithms must list fedavg and only {list(ALGORITHMS)}, got {args.algorithms!r}")
-    plan = plan_for(args.dataset, args.quick)
+    if not (args.task or args.dataset):
+        raise MetafleetError("give the task: --task TASK (or --dataset NAME for a built-in)")
+    if args.task and args.dataset and load_task(args.task).name != args.dataset:
+        raise MetafleetError(f"--dataset {args.dataset} and --task {args.task} name different tasks; give one")
+    data = str(Path(args.data).resolve()) if args.data else ""
+    plan = plan_for(args.task or args.dataset, args.quick, data)
+    if args.folds is not None:
+        plan = dataclasses.replace(plan, folds=parse_seeds(args.folds, "--folds"))
     if args.settings:
         try:
             chosen = [plan.settings[int(i)] for i in args.settings.split(",")]

@@ -80,9 +80,15 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
         logging.getLogger("flwr").setLevel(logging.WARNING)
     from metafleet.client.app import app as client_app
 
+    if config.data:
+        from metafleet.common.fleets import make_fleet
+
+        make_fleet(config)  # a fleet or task that cannot work fails here, in one line, before any device starts
     run_config = {**config.to_run_config(), "out-dir": str(out.resolve()), "resume": resume}
+    fleet = f"the fleet in {config.data}" if config.data else "its own data"
     print(f"metafleet: simulating {config.clients} clients ({config.held_out_clients} held out), "
-          f"{config.algorithm} on {config.dataset}, {config.rounds} rounds ({backend}) -> {out}", file=sys.stderr)
+          f"{config.algorithm} on task {config.dataset} with {fleet}, {config.rounds} rounds ({backend}) -> {out}",
+          file=sys.stderr)
     if backend == "ray":
         from metafleet.server.app import app as server_app
         from metafleet.simulations.engine import run_in_simulation

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from metafleet.common import models
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Split, held_out_client_ids, mean_and_ci95, validate_batch
 from metafleet.common.errors import DataError
 from metafleet.common.fleets import make_fleet, split_clients
-from metafleet.common.sinusoid import SinusoidFleet
-from metafleet.common.watch import WatchFleet, load_recordings, locate_watch_file
+from metafleet.common.tasks import models
+from metafleet.common.tasks.sinusoid import SinusoidFleet
+from metafleet.common.tasks.watch import WatchFleet, load_recordings, locate_watch_file
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from metafleet.common.config import RunConfig
 from metafleet.common.device_data import load_device_data, save_device_data
 from metafleet.common.errors import DataError, MetafleetError
-from metafleet.common.fleets import fleet_class
+from metafleet.common.task import load_task
 from metafleet.server.certs import make_certificates
 from tests.processes import free_port, kill_groups, left_after, processes_with
 
@@ -55,7 +55,7 @@ def test_certs_make_a_ca_a_server_certificate_with_sans_and_device_keys_and_neve
 
 def test_device_data_round_trips_and_bad_files_are_named(tmp_path):
     config = RunConfig.resolve(dataset="watch")
-    fleet = fleet_class("watch").build(config, held_out=[])
+    fleet = load_task("watch").make_fleet(config, [])
     save_device_data(tmp_path / "good", "watch", fleet.client(4))
     dataset, data = load_device_data(tmp_path / "good", client_id=4)
     assert dataset == "watch" and data.splits[0].support[0].shape[1:] == (6, 100)
@@ -83,7 +83,7 @@ def test_a_client_told_to_compute_where_it_cannot_stops_before_joining(tmp_path,
     from metafleet.client.cli import check_data_in_child
 
     config = RunConfig.resolve(dataset="watch")
-    save_device_data(tmp_path / "device", "watch", fleet_class("watch").build(config, held_out=[]).client(4))
+    save_device_data(tmp_path / "device", "watch", load_task("watch").make_fleet(config, []).client(4))
     _, data = load_device_data(tmp_path / "device", client_id=4)
     examples = sum(len(split.support[0]) + len(split.query[0]) for split in data.splits)
     assert check_data_in_child(tmp_path / "device", 4, "cpu") == ("watch", examples)
@@ -103,7 +103,7 @@ def test_tls_fleet_trains_refuses_strangers_and_survives_a_lost_and_a_broken_dev
     make_certificates(certs, [], ["dev0", "dev1", "dev2", "dev3"])
     make_certificates(stranger_certs, [], ["dev9"])
     config = RunConfig.resolve(dataset="watch")
-    fleet = fleet_class("watch").build(config, held_out=[])
+    fleet = load_task("watch").make_fleet(config, [])
     for client in range(4):
         save_device_data(tmp_path / f"data{client}", "watch", fleet.client(client))
     (tmp_path / "corrupt").mkdir()
@@ -201,7 +201,7 @@ def test_personalize_keeps_a_model_that_predict_uses_offline(tmp_path, capsys):
     run = RunDirectory(tmp_path / "run")
     run.create(config)
     run.save_checkpoint(1, {"params": initial_params(config)})
-    fleet = fleet_class("watch").build(config, held_out=[])
+    fleet = load_task("watch").make_fleet(config, [])
     save_device_data(tmp_path / "device", "watch", fleet.client(5))
 
     assert main(["personalize", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "device"),
@@ -227,7 +227,7 @@ def test_secure_aggregation_runs_over_real_superlink_and_supernodes(tmp_path):
     """SecAgg+'s four exchanges a round between real processes over TLS: three devices train, one is held out."""
     certs = tmp_path / "certs"
     make_certificates(certs, [], [f"dev{i}" for i in range(4)])
-    fleet = fleet_class("watch").build(RunConfig.resolve(dataset="watch"), held_out=[])
+    fleet = load_task("watch").make_fleet(RunConfig.resolve(dataset="watch"), [])
     for client in range(4):
         save_device_data(tmp_path / f"data{client}", "watch", fleet.client(client))
     port, run_dir = free_port(), tmp_path / "run"

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from metafleet.common import fashion_mnist
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import ConfigError, DataError
-from metafleet.common.fashion_mnist import (
+from metafleet.common.fleets import split_clients
+from metafleet.common.tasks import fashion_mnist
+from metafleet.common.tasks.fashion_mnist import (
     FashionMnistFleet,
     dirichlet_partition,
     load_split,
     locate_fashion_mnist_dir,
     support_query_split,
 )
-from metafleet.common.fleets import split_clients
-from metafleet.common.models import count_parameters
+from metafleet.common.tasks.models import count_parameters
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fetch-fashion-mnist"
 
@@ -81,7 +81,7 @@ def test_support_and_query_pools_are_disjoint_and_capped(train_labels):
 
 def test_fleet_clients_are_standardized_uniform_and_label_skewed():
     config = RunConfig.resolve(dataset="fashion-mnist", clients=100, held_out_clients=10)
-    fleet = FashionMnistFleet.build(config, split_clients(config)[1])
+    fleet = fashion_mnist.make_fleet(config, split_clients(config)[1])
     assert fleet.num_clients == 100
     client = fleet.client(7)
     assert client.sampling == "uniform" and client.num_classes == 10 and len(client.splits) == 1
@@ -95,17 +95,17 @@ def test_fleet_clients_are_standardized_uniform_and_label_skewed():
     episode = client.sample_episode(np.random.default_rng(0), 20, 15)
     assert len(episode.support[1]) == 20 and len(episode.query[1]) == 15
     torch.testing.assert_close(FashionMnistFleet(100, seed=0).client(7).splits[0].query[0], xq)
-    assert fleet.make_model(5)(xq[:2]).shape == (2, 10)
+    assert fashion_mnist.make_model(5)(xq[:2]).shape == (2, 10)
 
 
 def test_the_model_has_the_parameter_count_its_docstring_states():
-    stated = re.search(r"([\d,]+) parameters", FashionMnistFleet.make_model.__doc__).group(1)
-    assert count_parameters(FashionMnistFleet.make_model()) == int(stated.replace(",", ""))
+    stated = re.search(r"([\d,]+) parameters", fashion_mnist.make_model.__doc__).group(1)
+    assert count_parameters(fashion_mnist.make_model()) == int(stated.replace(",", ""))
 
 
 def test_ways_other_than_all_classes_is_refused():
     with pytest.raises(ConfigError, match="ways"):
-        FashionMnistFleet.build(RunConfig.resolve(dataset="fashion-mnist", ways=5), [])
+        fashion_mnist.make_fleet(RunConfig.resolve(dataset="fashion-mnist", ways=5), [])
 
 
 def _copy_of_the_test_split(tmp_path: Path) -> Path:

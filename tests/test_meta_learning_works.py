@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from metafleet.common.config import RunConfig
-from metafleet.common.fleets import make_fleet, split_clients
-from metafleet.common.meta import FunctionalModel
+from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.training import client_personalization, meta_train_centralized
 
 
@@ -18,7 +17,7 @@ def _post_adaptation_mse(algorithm: str, **overrides) -> np.ndarray:
     fleet = make_fleet(config)
     training, held_out = split_clients(config)
     result = meta_train_centralized(fleet, config, training)
-    fmodel = FunctionalModel(fleet.make_model(), fleet.objective)
+    fmodel = functional_model(config)
     return np.array([client_personalization(fmodel, result.params, fleet.client(i), config)[0][-1] for i in held_out])
 
 
@@ -42,7 +41,7 @@ def test_held_out_devices_adapt_with_adapt_lr_and_training_is_untouched_by_it():
     trained = meta_train_centralized(fleet, config, training).params
     again = meta_train_centralized(fleet, config.replace(adapt_lr=0.5), training).params
     assert all(torch.equal(trained[name], again[name]) for name in trained)
-    fmodel = FunctionalModel(fleet.make_model(), fleet.objective)
+    fmodel = functional_model(config)
     client = fleet.client(held_out[0])
     default, _ = client_personalization(fmodel, trained, client, config)
     explicit, _ = client_personalization(fmodel, trained, client, config.replace(adapt_lr=0.01))

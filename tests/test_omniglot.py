@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from metafleet.common import omniglot
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import ConfigError, DataError
-from metafleet.common.omniglot import ALPHABETS, ENV_VAR, ZIP_NAMES, OmniglotFleet, load_alphabet
+from metafleet.common.task import load_task
+from metafleet.common.tasks import omniglot
+from metafleet.common.tasks.omniglot import ALPHABETS, ENV_VAR, ZIP_NAMES, OmniglotFleet, load_alphabet
 
 CHARACTERS = {
     "Balinese": 24, "Early_Aramaic": 22, "Greek": 24, "Japanese_(katakana)": 47,
@@ -103,7 +104,7 @@ def test_episode_shapes(fleet, client_id, ways):
     evaluation = client.evaluation_episodes(shots=1, seed=0, ways=ways)
     assert len(evaluation) == 2
     assert all(e.support[0].shape[0] == ways and e.query[0].shape[0] == 10 * ways for e in evaluation)
-    logits = OmniglotFleet.make_model(ways)(episode.query[0])
+    logits = omniglot.make_model(ways)(episode.query[0])
     assert logits.shape == (5 * ways, ways)
 
 
@@ -120,15 +121,15 @@ def test_pixels_are_ink_one_on_background_zero(fleet):
 
 def test_build_checks_clients_and_ways():
     config = RunConfig.resolve(dataset="omniglot", clients=8, held_out_clients=2, ways=5, train_ways=0)
-    fleet = OmniglotFleet.build(config, [0, 1])
+    fleet = omniglot.make_fleet(config, [0, 1])
     assert fleet.num_clients == 8 and fleet.held_out == [0, 1]
     with pytest.raises(ConfigError, match="'clients'.*must be 8"):
-        OmniglotFleet.build(config.replace(clients=9), [0, 1])
+        omniglot.make_fleet(config.replace(clients=9), [0, 1])
     for ways in (0, 48):
         with pytest.raises(ConfigError, match="'ways'"):
-            OmniglotFleet.build(config.replace(ways=ways), [0, 1])
+            omniglot.make_fleet(config.replace(ways=ways), [0, 1])
     with pytest.raises(ConfigError, match="'train_ways'.*at most 47"):
-        OmniglotFleet.build(config.replace(train_ways=48), [0, 1])
+        omniglot.make_fleet(config.replace(train_ways=48), [0, 1])
 
 
 def test_twenty_way_on_an_alphabet_of_seventeen_uses_all_its_characters(fleet):
@@ -173,7 +174,7 @@ def test_a_missing_folder_is_a_data_error_with_the_fix(tmp_path, monkeypatch):
 
 def test_a_run_rotates_training_alphabets_into_new_characters_and_leaves_held_out_ones_as_drawn():
     config = RunConfig.resolve(dataset="omniglot")
-    fleet = OmniglotFleet.build(config, [2, 7])
+    fleet = omniglot.make_fleet(config, [2, 7])
     plain = OmniglotFleet().client(0)
     training, held_out = fleet.client(0), fleet.client(2)
     assert training.num_classes == 4 * plain.num_classes == 96
@@ -193,10 +194,10 @@ def test_training_episodes_take_train_shots_and_evaluation_takes_shots():
     from metafleet.common.training import client_train
 
     config = RunConfig.resolve(dataset="omniglot", algorithm="reptile", inner_steps=1)
-    fleet = OmniglotFleet.build(config, [2, 7])
+    fleet = omniglot.make_fleet(config, [2, 7])
     fmodel = functional_model(config)
     update = client_train(fmodel, fmodel.init_params(), fleet.client(0), config, np.random.default_rng(0))
     # Prototype heads train on 20-way episodes (train_ways) of 5 drawings (train_shots) and 5 queries each.
-    assert update.num_examples == (5 + 5) * 20 == OmniglotFleet.episode_examples(config)
+    assert update.num_examples == (5 + 5) * 20 == load_task("omniglot").episode_examples(config)
     evaluation = fleet.client(2).evaluation_episodes(config.shots, config.seed, config.ways, per_split=1)
     assert all(len(episode.support[1]) == 5 for episode in evaluation)  # 1 shot of 5 ways

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from metafleet.common import shakespeare
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import ConfigError, DataError
 from metafleet.common.meta import FunctionalModel, adapt
-from metafleet.common.shakespeare import (
+from metafleet.common.tasks import shakespeare
+from metafleet.common.tasks.shakespeare import (
     ALL_LETTERS,
     SEQ_LEN,
     UNKNOWN_ID,
@@ -114,12 +114,12 @@ def test_role_choice_is_deterministic_and_longest_first():
 
 
 def test_fleet_built_from_a_run_config_and_its_limits():
-    fleet = ShakespeareFleet.build(RunConfig.resolve(dataset="shakespeare", clients=20), held_out=[0, 1])
+    fleet = shakespeare.make_fleet(RunConfig.resolve(dataset="shakespeare", clients=20), held_out=[0, 1])
     assert fleet.num_clients == 20 and fleet.input_shape == (SEQ_LEN,)
     with pytest.raises(ConfigError, match="clients"):
         ShakespeareFleet(10_000)
     with pytest.raises(ConfigError, match="ways"):
-        ShakespeareFleet.build(RunConfig.resolve(dataset="shakespeare", clients=20, ways=5), held_out=[0])
+        shakespeare.make_fleet(RunConfig.resolve(dataset="shakespeare", clients=20, ways=5), held_out=[0])
     with pytest.raises(DataError, match="clients 0..19"):
         fleet.client(20)
 
@@ -137,7 +137,7 @@ def test_model_predicts_the_next_character_and_adapts_on_integer_windows(one_thr
     fleet = ShakespeareFleet(2, seed=0)
     episode = fleet.client(0).sample_episode(np.random.default_rng(0), shots=8, query_shots=8)
     torch.manual_seed(0)
-    fmodel = FunctionalModel(ShakespeareFleet.make_model(), ShakespeareFleet.objective)
+    fmodel = FunctionalModel(shakespeare.make_model(), shakespeare.objective)
     params = fmodel.init_params()
     logits = fmodel.forward(params, episode.support[0])
     assert logits.shape == (8, SEQ_LEN, 80)
@@ -148,7 +148,7 @@ def test_model_predicts_the_next_character_and_adapts_on_integer_windows(one_thr
 def test_loss_covers_every_position_and_accuracy_only_the_character_after_the_window():
     target = torch.tensor([[1, 2, 3], [4, 5, 6]])
     right_at_the_end = torch.nn.functional.one_hot(torch.tensor([[0, 0, 3], [0, 0, 6]]), 80).float() * 50
-    objective = ShakespeareFleet.objective
+    objective = shakespeare.objective
     assert float(objective.metric(right_at_the_end, target)) == 1.0  # earlier positions are all wrong
     everywhere = torch.nn.functional.one_hot(target, 80).float() * 50
     assert float(objective.loss(everywhere, target)) < 1e-6 < float(objective.loss(right_at_the_end, target))

@@ -6,7 +6,7 @@ import torch
 
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import DataError
-from metafleet.common.watch import (
+from metafleet.common.tasks.watch import (
     LEFT,
     RIGHT,
     SensorAugmentation,
@@ -16,6 +16,7 @@ from metafleet.common.watch import (
     to_left_wrist,
     windows,
 )
+from metafleet.common.tasks.watch import make_fleet as make_watch_fleet
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_augmentation_turns_both_sensors_together_in_sensor_units(recordings):
 
 
 def test_only_training_clients_training_episodes_are_augmented(recordings):
-    fleet = WatchFleet.build(RunConfig.resolve(dataset="watch"), held_out=[0, 1])
+    fleet = make_watch_fleet(RunConfig.resolve(dataset="watch"), held_out=[0, 1])
     assert fleet.client(0).augment is None and fleet.client(1).augment is None
     training = fleet.client(4)
     assert training.augment is not None

@@ -28,11 +28,11 @@ import torch
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet, Split, locate_data
 from metafleet.common.errors import ConfigError, DataError
-from metafleet.common.meta import CLASSIFICATION
-from metafleet.common.models import ConvNet4
+from metafleet.common.task import BenchmarkPlan, BenchmarkSetting, TaskDefaults
+from metafleet.common.tasks.models import ConvNet4
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-REPO_DIR = Path(__file__).resolve().parents[1] / ".data" / "fashion-mnist"
+REPO_DIR = Path(__file__).resolve().parents[2] / ".data" / "fashion-mnist"
 INSTALL_HINT = (
     "run `scripts/fetch-fashion-mnist` in the metafleet checkout (no root needed), or as root "
     "`apt install dataset-fashion-mnist`, or point METAFLEET_FASHION_MNIST_DIR at a folder holding the four files"
@@ -57,6 +57,32 @@ MAX_PARTITION_TRIES = 1000
 # ConvNet4 at half its usual width: 28,650 parameters instead of 112,586. On one CPU thread it runs a
 # 10-client round about 1.6x faster, and after 30 rounds it was no less accurate on held-out clients.
 MODEL_WIDTH = 32
+
+name = "fashion-mnist"
+objective = "classification"
+input_shape = (1, SIDE, SIDE)
+num_classes = NUM_CLASSES
+prototype_heads = True
+sampling = "uniform"
+clients_depend_on_seed = True  # the Dirichlet partition is drawn from the seed
+# Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
+defaults = TaskDefaults(shots=20, query_shots=20, inner_lr=0.05, eval_steps=(0, 1, 5), clients=100,
+                        held_out_clients=10)
+benchmark = BenchmarkPlan((BenchmarkSetting("20-shot (label skew)", {"shots": 20}),), rounds=60, folds=(0,),
+                          seeds=(0, 1, 2), common={"eval_every": 20})
+
+
+def make_model(ways: int = 0) -> ConvNet4:
+    """ConvNet4 of width 32 with 10 outputs whatever ``ways`` is (uniform episodes keep the 10 original
+    labels): 28,650 parameters."""
+    return ConvNet4(NUM_CLASSES, width=MODEL_WIDTH)
+
+
+def make_fleet(config: RunConfig, held_out: Sequence[int]) -> FashionMnistFleet:
+    # The partition ignores ``held_out``, so every fold of a cross-validation sees the same clients.
+    if config.ways not in (0, NUM_CLASSES):
+        raise ConfigError("ways", config.ways, "must be 0 for fashion-mnist (uniform episodes keep all 10 labels)")
+    return FashionMnistFleet(config.clients, config.seed)
 
 
 def _has_file(folder: Path, stem: str) -> bool:
@@ -192,23 +218,14 @@ class FashionMnistFleet(Fleet):
     """
 
     name = "fashion-mnist"
-    objective = CLASSIFICATION
     input_shape = (1, SIDE, SIDE)
     num_classes = NUM_CLASSES
     sampling = "uniform"
-    clients_depend_on_seed = True  # the Dirichlet partition is drawn from the seed
 
     def __init__(self, num_clients: int = 100, seed: int = 0, folder: Path | None = None):
         self.images, self.labels = load_split("train", folder)
         self.seed = seed
         self.partition = dirichlet_partition(self.labels, num_clients, seed)
-
-    @classmethod
-    def build(cls, config: RunConfig, held_out: Sequence[int]) -> FashionMnistFleet:
-        # The partition ignores ``held_out``, so every fold of a cross-validation sees the same clients.
-        if config.ways not in (0, NUM_CLASSES):
-            raise ConfigError("ways", config.ways, "must be 0 for fashion-mnist (uniform episodes keep all 10 labels)")
-        return cls(config.clients, config.seed)
 
     @property
     def num_clients(self) -> int:
@@ -225,9 +242,3 @@ class FashionMnistFleet(Fleet):
         data = ClientData(client_id, (Split(self._batch(support), self._batch(query)),), NUM_CLASSES, "uniform")
         data.validate(self.input_shape)
         return data
-
-    @classmethod
-    def make_model(cls, ways: int = 0) -> ConvNet4:
-        """ConvNet4 of width 32 with 10 outputs whatever ``ways`` is (uniform episodes keep the 10 original
-        labels): 28,650 parameters."""
-        return ConvNet4(NUM_CLASSES, width=MODEL_WIDTH)

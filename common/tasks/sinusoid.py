@@ -14,17 +14,32 @@ import torch
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet, Split
-from metafleet.common.meta import REGRESSION
-from metafleet.common.models import SinusoidMLP
+from metafleet.common.task import BenchmarkPlan, BenchmarkSetting, TaskDefaults
+from metafleet.common.tasks.models import SinusoidMLP
+
+name = "sinusoid"
+objective = "regression"
+input_shape = (1,)
+clients_depend_on_seed = True  # each client's sinusoid is drawn from (seed, client)
+defaults = TaskDefaults(shots=10, query_shots=10, inner_lr=0.02, eval_steps=(0, 1, 5, 10), clients=200,
+                        held_out_clients=20)
+benchmark = BenchmarkPlan((BenchmarkSetting("10-shot"),), rounds=100, folds=(0,), seeds=(0, 1),
+                          common={"clients": 200, "clients_per_round": 25, "inner_steps": 3, "eval_every": 50})
+
+
+def make_model() -> SinusoidMLP:
+    return SinusoidMLP()
+
+
+def make_fleet(config: RunConfig, held_out: Sequence[int]) -> SinusoidFleet:
+    return SinusoidFleet(config.clients, seed=config.seed)
 
 
 class SinusoidFleet(Fleet):
     name = "sinusoid"
-    objective = REGRESSION
     input_shape = (1,)
     num_classes = None
     sampling = "uniform"
-    clients_depend_on_seed = True  # each client's sinusoid is drawn from (seed, client)
 
     def __init__(self, num_clients: int, seed: int = 0, points_per_pool: int = 50):
         if num_clients < 1:
@@ -32,10 +47,6 @@ class SinusoidFleet(Fleet):
         self._num_clients = num_clients
         self.seed = seed
         self.points_per_pool = points_per_pool
-
-    @classmethod
-    def build(cls, config: RunConfig, held_out: Sequence[int]) -> SinusoidFleet:
-        return cls(config.clients, seed=config.seed)
 
     @property
     def num_clients(self) -> int:
@@ -58,7 +69,3 @@ class SinusoidFleet(Fleet):
         data = ClientData(client_id, (Split(pool(), pool()),), num_classes=None)
         data.validate(self.input_shape)
         return data
-
-    @classmethod
-    def make_model(cls, ways: int = 0) -> SinusoidMLP:
-        return SinusoidMLP()
