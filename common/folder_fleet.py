@@ -26,12 +26,18 @@ from metafleet.common.task import DeviceArrays, Task, TaskError, check_buffers_u
 CACHED_DEVICES = 4096
 
 
-@lru_cache(maxsize=16)
 def fleet_devices(folder: str) -> tuple[str, ...]:
     """The device names (sub-folders, sorted) of a folder fleet; ``DataError`` if it has none."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"fleet {folder} is not a folder (a fleet is FLEET/<device>/data.npz, one folder a device)")
+    # Listed once per process while the folder is unchanged: a simulated device resolves the run's config often.
+    return _listed_devices(str(root), root.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _listed_devices(folder: str, _mtime_ns: int) -> tuple[str, ...]:
+    root = Path(folder)
     devices = tuple(sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")))
     if not devices:
         raise DataError(f"fleet {folder} holds no device folders (expected FLEET/<device>/data.npz or data.csv)")
@@ -49,7 +55,7 @@ def output_size(model: nn.Module, input_shape: tuple[int, ...], integer_inputs: 
                         f"{type(error).__name__}: {error}") from None
     if not isinstance(output, torch.Tensor) or output.dim() < 2:
         raise TaskError(f"task {task_name}: a classifier must output (N, classes) scores, it outputs "
-                        f"{getattr(output, 'shape', type(output).__name__)}")
+                        f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}")
     return int(output.shape[-1])
 
 
@@ -152,8 +158,7 @@ class FolderFleet(Fleet):
         self.held_out = frozenset(held_out)
         self.model = task.make_model(head_ways)
         self._cache: dict[int, ClientData] = {}
-        first = self._arrays(0)
-        x = np.asarray(first.support_x)
+        x = np.asarray(self._first_readable().support_x)
         self.input_shape = task.input_shape or tuple(x.shape[1:])
         self.integer_inputs = x.dtype.kind in "iub"
         self.num_classes = None
@@ -178,6 +183,19 @@ class FolderFleet(Fleet):
     def _arrays(self, client_id: int) -> DeviceArrays:
         return read_device_folder(self.device_folder(client_id), self.task)
 
+    def _first_readable(self) -> DeviceArrays:
+        """The first device that reads: where the task does not declare them, its data tells the input shape."""
+        first_error = None
+        for client_id in range(self.num_clients):
+            try:
+                arrays = self._arrays(client_id)
+            except DataError as error:
+                first_error = first_error or error
+                continue
+            if len(arrays.support_x):
+                return arrays
+        raise first_error or DataError(f"fleet {self.root}: every device is empty")
+
     def client(self, client_id: int) -> ClientData:
         if client_id not in self._cache:
             if len(self._cache) >= CACHED_DEVICES:
@@ -188,9 +206,9 @@ class FolderFleet(Fleet):
                 self.num_classes, augment, self.model)
         return self._cache[client_id]
 
-    def problems(self) -> list[str]:
+    def problems(self) -> dict[str, list[str]]:
         """Every device's problems (for ``metafleet fleet check``), one line each naming device and file."""
-        found = []
+        found = {}
         for client_id in range(self.num_clients):
             where = self._where(client_id)
             try:
@@ -200,5 +218,6 @@ class FolderFleet(Fleet):
                     self.client(client_id)
             except MetafleetError as error:
                 problems = [str(error) if str(error).startswith(("device ", "task ")) else f"{where}: {error}"]
-            found += problems
+            if problems:
+                found[self.device_name(client_id)] = problems
         return found

@@ -267,10 +267,23 @@ def _show_progress(
     log.info(" | ".join(parts))
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (a test's capture, a notebook's), not to the one
+    that was current when logging was set up, which may be closed by then."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
 def _ensure_console_logging() -> None:
     logger = logging.getLogger("metafleet")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("metafleet: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -263,3 +263,57 @@ def test_secure_aggregation_runs_over_real_superlink_and_supernodes(tmp_path):
     assert [row["accepted"] for row in train if row["phase"] == "train"] == [3, 3]
     assert summary["personalization"]["clients_reporting"] == 1
     assert not left_after(f"127.0.0.1:{port}", 30), "a process of the fleet is still running"
+
+
+@pytest.mark.slow
+def test_a_user_task_deploys_over_tls_and_every_device_keeps_its_models(tmp_path):
+    """A task file outside the package on a real SuperLink and two SuperNodes over TLS: one device trains,
+    one is held out; when the run ends both hold a meta-model and a personal model that predict uses."""
+    from tests.test_tasks import GESTURES, gesture_arrays, write_fleet, write_task
+
+    certs = tmp_path / "certs"
+    make_certificates(certs, [], ["dev0", "dev1"])
+    server_task = write_task(tmp_path / "server", GESTURES, width=8)
+    fleet = write_fleet(tmp_path / "devices", {f"dev{i}": gesture_arrays(i) for i in range(2)})
+    port, run_dir = free_port(), tmp_path / "run"
+    processes = [_metafleet(
+        "server", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port), "--out", str(run_dir),
+        "--task", str(server_task), "--algorithm", "reptile", "--clients", "2", "--held-out-clients", "1",
+        "--clients-per-round", "1", "--rounds", "2", "--eval-every", "2", "--node-wait-seconds", "90",
+        "--round-timeout", "120", log=tmp_path / "server.log",
+    )]
+    server = processes[0]
+    try:
+        assert _wait_for(lambda: "listening on" in _read(tmp_path / "server.log"), 90), _read(tmp_path / "server.log")
+        for index in range(2):
+            own_task = write_task(fleet / f"dev{index}" / "app", GESTURES, width=8)  # each device's own copy
+            processes.append(_metafleet(
+                "client", "--superlink", f"127.0.0.1:{port}", "--data", str(fleet / f"dev{index}"),
+                "--task", str(own_task), "--root-cert", str(certs / "ca.pem"),
+                "--key", str(certs / "devices" / f"dev{index}.key"), "--client-id", str(index),
+                "--role", "held-out" if index == 1 else "train", "--local-port", str(free_port()),
+                log=tmp_path / f"device{index}.log",
+            ))
+        assert server.wait(timeout=420) == 0, _read(tmp_path / "server.log")[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dataset"] == "gestures" and summary["rounds_completed"] == 2
+    assert summary["devices_keeping_models"] == 2 and summary["personalization"]["clients_reporting"] == 1
+    for index in range(2):
+        folder = fleet / f"dev{index}"
+        assert (folder / "meta-model.pt").is_file() and (folder / "personal-model.pt").is_file()
+        np.save(tmp_path / "inputs.npy", np.load(folder / "data.npz")["query_x"][:4])
+        predicted = subprocess.run([sys.executable, "-m", "metafleet.common.cli", "predict", "--model", str(folder),
+                                    "--input", str(tmp_path / "inputs.npy")], capture_output=True, text=True,
+                                   timeout=120)
+        assert predicted.returncode == 0, predicted.stderr
+        assert len(predicted.stdout.split()) == 4 and set(predicted.stdout.split()) <= {"0", "1", "2", "3"}
+    assert not left_after(f"127.0.0.1:{port}", 30), "a process of the fleet is still running"

@@ -1,0 +1,62 @@
+"""hapt: activity recognition on a waist-worn smartphone, one device per person (UCI HAPT, 30 people).
+
+A metafleet task written on the public task API only (see ``metafleet.common.task``): the fleet is the folder
+``prepare_fleet.py`` writes, ``FLEET/user-XX/data.npz``, windows of 2.56 s of six channels (accelerometer and
+gyroscope) and one of six activities. Each person walks, climbs stairs and sits in their own way; the
+question this task asks is whether a model meta-learned across people adapts to a new person's five labelled
+windows per activity better than one federated model fine-tuned on them.
+"""
+
+from torch import Tensor, nn
+
+from metafleet.common.task import BenchmarkPlan, BenchmarkSetting, TaskDefaults
+
+CHANNELS, WINDOW, ACTIVITIES = 6, 128, 6
+
+# Required: the model and the objective.
+objective = "classification"
+
+
+class HaptCNN(nn.Module):
+    """Three conv blocks (32, 48, 64 channels; GroupNorm, never BatchNorm), global average pooling, a linear
+    head: 25,206 parameters for 6 classes. ``features`` then ``head``, so prototype heads can apply."""
+
+    def __init__(self, classes: int = ACTIVITIES):
+        super().__init__()
+
+        def block(channels_in: int, channels_out: int, kernel: int, pool: bool) -> list[nn.Module]:
+            layers = [nn.Conv1d(channels_in, channels_out, kernel, padding=kernel // 2),
+                      nn.GroupNorm(8, channels_out), nn.ReLU()]
+            return layers + [nn.MaxPool1d(2)] if pool else layers
+
+        self.features = nn.Sequential(
+            *block(CHANNELS, 32, 7, pool=True), *block(32, 48, 5, pool=True), *block(48, 64, 5, pool=False),
+            nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def make_model(ways: int = 0) -> nn.Module:
+    # metafleet passes the head's size where episodes choose it (--ways); 0 means all six activities.
+    return HaptCNN(ways or ACTIVITIES)
+
+
+# Optional: what reports call it, what the data must look like, how episodes are drawn.
+name = "hapt"
+input_shape = (CHANNELS, WINDOW)
+num_classes = ACTIVITIES
+prototype_heads = True  # the model is head(features(x)) with a linear head: --head-init prototypes works
+sampling = "per-class"  # every person's support and query pools hold all six activities (fleet check shows it)
+
+# Learning defaults, each a command-line flag too. NOT_TUNED_BELOW
+defaults = TaskDefaults(shots=5, query_shots=10, inner_lr=0.05, inner_steps=5, eval_steps=(0, 1, 5),
+                        clients=30, held_out_clients=6, eval_episodes=5)
+
+# What `metafleet bench personalization --task docs/tutorial/hapt/task.py` runs.
+benchmark = BenchmarkPlan(
+    settings=(BenchmarkSetting("6-way 5-shot", {"shots": 5}),),
+    rounds=60, folds=(0, 1, 2, 3), seeds=(0,),
+    common={"held_out_clients": 6, "clients_per_round": 8, "eval_every": 20},
+)
