@@ -270,7 +270,7 @@ def _import(spec: str) -> Any:
         if module_part.endswith(".py"):
             module = _import_file(Path(module_part))
         else:
-            module = importlib.import_module(module_part)
+            module = _import_module(module_part)
     except MetafleetError:
         raise
     except ModuleNotFoundError as error:
@@ -286,6 +286,19 @@ def _import(spec: str) -> Any:
         return getattr(module, attribute)
     except AttributeError:
         raise TaskError(f"task {spec}: module {module_part} has no attribute {attribute!r}") from None
+
+
+def _import_module(name: str) -> types.ModuleType:
+    """``name`` as ``python -m`` would find it: the working folder counts too (a console script's sys.path
+    lacks it, and a user runs ``--task mypackage.task`` from the project's folder)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        here = str(Path.cwd())
+        if here in sys.path or not (error.name and name.startswith(error.name)):
+            raise
+        sys.path.append(here)
+        return importlib.import_module(name)
 
 
 def _import_file(path: Path) -> types.ModuleType:

