@@ -180,7 +180,8 @@ class Device:
             if role not in ("train", "held-out"):
                 raise DataError(f"node config role must be 'train' or 'held-out', got {role!r}")
             self.held_out = role == "held-out"
-            _, self._data = load_device_data(self.data_dir, self.client_id, self.config.task_definition)
+            _, self._data = load_device_data(self.data_dir, self.client_id, self.config.task_definition,
+                                             self.config.head_ways)
             return
         if "partition-id" not in node:
             raise DataError("this node has neither 'data-dir' (a device) nor 'partition-id' (a simulated device) "

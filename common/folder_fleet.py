@@ -13,14 +13,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from metafleet.common.data import ClientData, Fleet
-from metafleet.common.device_data import read_device_folder, to_client_data
+from metafleet.common.device_data import check_device, device_problems, output_size, read_device_folder
 from metafleet.common.errors import DataError, MetafleetError
-from metafleet.common.meta import REGRESSION
-from metafleet.common.task import DeviceArrays, Task, TaskError, check_buffers_unchanged
+from metafleet.common.task import DeviceArrays, Task
 
 # A device's data is read once per process; this many stay in memory (a simulated fleet's devices take turns).
 CACHED_DEVICES = 4096
@@ -42,107 +39,6 @@ def _listed_devices(folder: str, _mtime_ns: int) -> tuple[str, ...]:
     if not devices:
         raise DataError(f"fleet {folder} holds no device folders (expected FLEET/<device>/data.npz or data.csv)")
     return devices
-
-
-def output_size(model: nn.Module, input_shape: tuple[int, ...], integer_inputs: bool, task_name: str) -> int:
-    """A classifier's class count, read off its output for two dummy examples."""
-    dummy = torch.zeros((2, *input_shape), dtype=torch.long if integer_inputs else torch.float32)
-    try:
-        with torch.no_grad():
-            output = model(dummy)
-    except Exception as error:  # noqa: BLE001 - the user's model: one line
-        raise TaskError(f"task {task_name}: the model does not accept inputs of shape {input_shape}: "
-                        f"{type(error).__name__}: {error}") from None
-    if not isinstance(output, torch.Tensor) or output.dim() < 2:
-        raise TaskError(f"task {task_name}: a classifier must output (N, classes) scores, it outputs "
-                        f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}")
-    return int(output.shape[-1])
-
-
-def check_model_fits(task: Task, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], where: str) -> None:
-    """Refuse a model that cannot take the data, or whose output does not fit the objective."""
-    x, y = batch[0][:4], batch[1][:4]
-    model.train()
-    try:
-        output = model(x)
-    except Exception as error:  # noqa: BLE001
-        raise TaskError(f"task {task.name}: the model does not accept {where}'s inputs of shape "
-                        f"{tuple(x.shape[1:])}: {type(error).__name__}: {error}") from None
-    if not isinstance(output, torch.Tensor):
-        raise TaskError(f"task {task.name}: the model returns {type(output).__name__}, not a tensor")
-    if task.objective.class_targets:
-        if output.dim() < 2 or tuple(output.shape[:-1]) != tuple(y.shape):
-            raise TaskError(f"task {task.name}: for classification the model must output scores of shape "
-                            f"{(*y.shape, 'classes')} for labels of shape {tuple(y.shape)}; it outputs "
-                            f"{tuple(output.shape)}")
-    elif task.objective is REGRESSION and tuple(output.shape) != tuple(y.shape):
-        raise TaskError(f"task {task.name}: for regression the model's output {tuple(output.shape)} must have the "
-                        f"targets' shape {tuple(y.shape)} (reshape the targets in the data or the output in the model)")
-    try:
-        loss = task.objective.loss(output, y)
-    except Exception as error:  # noqa: BLE001
-        raise TaskError(f"task {task.name}: the loss cannot compare the model's output {tuple(output.shape)} with "
-                        f"{where}'s targets {tuple(y.shape)}: {type(error).__name__}: {error}") from None
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not torch.isfinite(loss):
-        raise TaskError(f"task {task.name}: the loss on {where}'s data is not a finite scalar ({loss})")
-    check_buffers_unchanged(model, x, task.name)
-
-
-def device_problems(task: Task, arrays: DeviceArrays, where: str, input_shape: tuple[int, ...] | None,
-                    num_classes: int | None) -> list[str]:
-    """Every problem of one device's arrays, one line each naming ``where``."""
-    problems = []
-    for role in ("support", "query"):
-        x, y = np.asarray(getattr(arrays, f"{role}_x")), np.asarray(getattr(arrays, f"{role}_y"))
-        if len(x) == 0:
-            problems.append(f"{where}: {role} is empty")
-            continue
-        if len(y) != len(x):
-            problems.append(f"{where}: {role}_x has {len(x)} examples but {role}_y {len(y)}")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            problems.append(f"{where}: {role}_x holds NaN or Inf values ({int((~np.isfinite(x)).sum())} of them)")
-        if y.dtype.kind == "f" and not np.isfinite(y).all():
-            problems.append(f"{where}: {role}_y holds NaN or Inf values")
-        if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-            problems.append(f"{where}: {role}_x has examples of shape {tuple(x.shape[1:])}, the model takes "
-                            f"{tuple(input_shape)}")
-        if task.objective.class_targets and y.dtype.kind in "iu" and num_classes is not None and len(y):
-            if y.min() < 0 or y.max() >= num_classes:
-                problems.append(f"{where}: {role}_y has labels outside [0, {num_classes}) (min {y.min()}, max "
-                                f"{y.max()}): the model has {num_classes} outputs")
-    if not problems:
-        shared = _shared_rows(np.asarray(arrays.support_x), np.asarray(arrays.query_x))
-        if shared:
-            problems.append(f"{where}: support and query share {shared} identical examples (a recording in both "
-                            "would leak into the measurement)")
-    return problems
-
-
-def _shared_rows(support: np.ndarray, query: np.ndarray) -> int:
-    def keys(array: np.ndarray) -> set[bytes]:
-        flat = np.ascontiguousarray(array.reshape(len(array), -1))
-        return {row.tobytes() for row in flat}
-
-    return len(keys(support) & keys(query))
-
-
-def check_device(task: Task, arrays: DeviceArrays, where: str, client_id: int,
-                 input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
-                 augment=None, model: nn.Module | None = None) -> ClientData:  # noqa: ANN001
-    """The device's ClientData, or the first of its problems as a ``DataError`` (a ``TaskError`` where the
-    model does not fit it)."""
-    input_shape = input_shape or task.input_shape or tuple(np.asarray(arrays.support_x).shape[1:])
-    model = model if model is not None else task.make_model()
-    if task.objective.class_targets and num_classes is None:
-        num_classes = task.num_classes or output_size(model, input_shape,
-                                                      np.asarray(arrays.support_x).dtype.kind in "iub", task.name)
-    problems = device_problems(task, arrays, where, input_shape, num_classes)
-    if problems:
-        raise DataError(problems[0])
-    data = to_client_data(arrays, task, client_id, where, num_classes, augment)
-    check_model_fits(task, model, data.splits[0].support, where)
-    data.validate(input_shape)
-    return data
 
 
 class FolderFleet(Fleet):

@@ -370,3 +370,39 @@ def test_a_user_task_runs_on_ray_and_with_secure_aggregation(gestures, tmp_path)
     secure = simulate(config.replace(secure_aggregation=True, min_replies=2), tmp_path / "secure",
                       backend="inprocess")
     assert secure["secure_aggregation"] and secure["rounds_completed"] == 2 and secure["rounds_skipped"] == 0
+
+
+def test_device_files_written_before_tasks_existed_still_name_their_built_in(tmp_path):
+    x = np.linspace(-1, 1, 10, dtype=np.float32)[:, None]
+    (tmp_path / "old").mkdir()
+    np.savez(tmp_path / "old" / "data.npz", dataset=np.array("sinusoid"), support_x=x[:5], support_y=np.sin(x[:5]),
+             query_x=x[5:], query_y=np.sin(x[5:]))
+    name, data = load_device_data(tmp_path / "old")
+    assert name == "sinusoid" and len(data.splits[0].query[0]) == 5
+    with pytest.raises(MetafleetError, match="is for task 'sinusoid'; this device runs 'watch'"):
+        load_device_data(tmp_path / "old", task="watch")
+
+
+def test_a_task_given_as_a_module_is_found_from_the_working_folder(tmp_path, monkeypatch):
+    package = tmp_path / "my_fleet_project"
+    write_task(package, GESTURES, width=8)
+    (package / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    (package / "variants.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Wide:
+            name = "wide"
+            objective = "classification"
+
+            @staticmethod
+            def make_model():
+                return nn.Sequential(nn.Flatten(), nn.Linear(60, 4))
+    """))
+    task = load_task("my_fleet_project.task")
+    assert task.name == "gestures" and task.spec == "my_fleet_project.task"
+    wide = load_task("my_fleet_project.variants:Wide")
+    assert wide.name == "wide" and wide.make_model()(torch.zeros(2, 3, 20)).shape == (2, 4)
+    with pytest.raises(MetafleetError, match="has no attribute 'Narrow'"):
+        load_task("my_fleet_project.variants:Narrow")
