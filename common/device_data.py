@@ -294,18 +294,21 @@ def _shared_rows(support: np.ndarray, query: np.ndarray) -> int:
 def check_device(task: Task, arrays: DeviceArrays, where: str, client_id: int,
                  input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
                  augment=None, model: nn.Module | None = None) -> ClientData:  # noqa: ANN001
-    """The device's ClientData, or the first of its problems as a ``DataError`` (a ``TaskError`` where the
-    model does not fit it)."""
+    """The device's ClientData, or the first of its problems as a ``DataError``. With ``model``, also checks
+    that the model takes the data and fits the objective (a ``TaskError`` where not); without, the caller has
+    checked the model against this input shape and class count already (a fleet does, once)."""
     input_shape = input_shape or task.input_shape or tuple(np.asarray(arrays.support_x).shape[1:])
-    model = model if model is not None else task.make_model()
     if task.objective.class_targets and num_classes is None:
+        if model is None:
+            raise ValueError("check_device needs num_classes or the model")
         num_classes = task.num_classes or output_size(model, input_shape,
                                                       np.asarray(arrays.support_x).dtype.kind in "iub", task.name)
     problems = device_problems(task, arrays, where, input_shape, num_classes)
     if problems:
         raise DataError(problems[0])
     data = to_client_data(arrays, task, client_id, where, num_classes, augment)
-    check_model_fits(task, model, data.splits[0].support, where)
+    if model is not None:
+        check_model_fits(task, model, data.splits[0].support, where)
     data.validate(input_shape)
     return data
 

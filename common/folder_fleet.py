@@ -54,13 +54,17 @@ class FolderFleet(Fleet):
         self.held_out = frozenset(held_out)
         self.model = task.make_model(head_ways)
         self._cache: dict[int, ClientData] = {}
-        x = np.asarray(self._first_readable().support_x)
+        first_id, first = self._first_readable()
+        x = np.asarray(first.support_x)
         self.input_shape = task.input_shape or tuple(x.shape[1:])
         self.integer_inputs = x.dtype.kind in "iub"
         self.num_classes = None
         if task.objective.class_targets:
             self.num_classes = task.num_classes or output_size(self.model, self.input_shape, self.integer_inputs,
                                                                task.name)
+        # The model meets the data once, on the first usable device; the others need only fit its input shape
+        # and class count (checking the model on each of a thousand devices cost a forward pass apiece).
+        self._check_model_on_first_usable(first_id)
 
     @property
     def num_clients(self) -> int:
@@ -79,7 +83,7 @@ class FolderFleet(Fleet):
     def _arrays(self, client_id: int) -> DeviceArrays:
         return read_device_folder(self.device_folder(client_id), self.task)
 
-    def _first_readable(self) -> DeviceArrays:
+    def _first_readable(self) -> tuple[int, DeviceArrays]:
         """The first device that reads: where the task does not declare them, its data tells the input shape."""
         first_error = None
         for client_id in range(self.num_clients):
@@ -89,8 +93,24 @@ class FolderFleet(Fleet):
                 first_error = first_error or error
                 continue
             if len(arrays.support_x):
-                return arrays
+                return client_id, arrays
         raise first_error or DataError(f"fleet {self.root}: every device is empty")
+
+    def _check_model_on_first_usable(self, start: int) -> None:
+        first_problem = None
+        for client_id in range(start, self.num_clients):
+            try:
+                arrays = self._arrays(client_id)
+            except DataError as error:
+                first_problem = first_problem or error
+                continue
+            problems = device_problems(self.task, arrays, self._where(client_id), self.input_shape, self.num_classes)
+            if not problems:
+                check_device(self.task, arrays, self._where(client_id), client_id, self.input_shape,
+                             self.num_classes, model=self.model)
+                return
+            first_problem = first_problem or DataError(problems[0])
+        raise first_problem or DataError(f"fleet {self.root}: no device is usable")
 
     def client(self, client_id: int) -> ClientData:
         if client_id not in self._cache:
@@ -99,7 +119,7 @@ class FolderFleet(Fleet):
             augment = self.task.augment if client_id not in self.held_out else None
             self._cache[client_id] = check_device(
                 self.task, self._arrays(client_id), self._where(client_id), client_id, self.input_shape,
-                self.num_classes, augment, self.model)
+                self.num_classes, augment)
         return self._cache[client_id]
 
     def problems(self) -> dict[str, list[str]]:

@@ -150,14 +150,7 @@ def test_tls_fleet_trains_refuses_strangers_and_survives_a_lost_and_a_broken_dev
         kill_groups(processes_with(f"--port {local_ports[0]}"))
         assert server.wait(timeout=420) == 0, _read(tmp_path / "server.log")[-3000:]
     finally:
-        for process in [server, *devices]:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in [server, *devices]:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        _stop([server, *devices])
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 3 and summary["personalization"]["clients_reporting"] == 1
@@ -170,6 +163,18 @@ def test_tls_fleet_trains_refuses_strangers_and_survives_a_lost_and_a_broken_dev
     assert wrong_ca.returncode == 2
     assert "the TLS handshake with" in _read(tmp_path / "device5.log"), _read(tmp_path / "device5.log")[-2000:]
     assert not left_after(f"127.0.0.1:{port}", 30), "a process of the fleet is still running"
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM to every process group still running, SIGKILL to those that do not end within 30 s."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _train_rounds(run_dir: Path) -> int:
@@ -249,14 +254,7 @@ def test_secure_aggregation_runs_over_real_superlink_and_supernodes(tmp_path):
             ))
         assert server.wait(timeout=420) == 0, _read(tmp_path / "server.log")[-3000:]
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        _stop(processes)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["secure_aggregation"] and summary["rounds_completed"] == 2 and summary["rounds_skipped"] == 0
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -296,14 +294,7 @@ def test_a_user_task_deploys_over_tls_and_every_device_keeps_its_models(tmp_path
             ))
         assert server.wait(timeout=420) == 0, _read(tmp_path / "server.log")[-3000:]
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        _stop(processes)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == "gestures" and summary["rounds_completed"] == 2
     assert summary["devices_keeping_models"] == 2 and summary["personalization"]["clients_reporting"] == 1
