@@ -406,3 +406,33 @@ def test_a_task_given_as_a_module_is_found_from_the_working_folder(tmp_path, mon
     assert wide.name == "wide" and wide.make_model()(torch.zeros(2, 3, 20)).shape == (2, 4)
     with pytest.raises(MetafleetError, match="has no attribute 'Narrow'"):
         load_task("my_fleet_project.variants:Narrow")
+
+
+def test_a_folder_fleet_run_resumes_from_its_checkpoint_after_a_crash(gestures, tmp_path, capsys):
+    task_file, fleet = gestures
+    out = tmp_path / "run"
+    assert main(["simulate", "--task", str(task_file), "--data", str(fleet), "--rounds", "3",
+                 "--clients-per-round", "3", "--backend", "inprocess", "--out", str(out)]) == 0
+    # As if the process had died during round 3: its checkpoint, rows and summary never written.
+    (out / "checkpoints" / "round-000003.pt").unlink()
+    (out / "summary.json").unlink()
+    assert main(["simulate", "--resume", str(out), "--backend", "inprocess"]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "gestures" and summary["rounds_completed"] == 3
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds.count(3) == 2  # round 3's train and evaluate rows, once each
+
+
+@pytest.mark.slow
+def test_the_personalization_benchmark_runs_a_user_task_on_its_folder_fleet(gestures, tmp_path):
+    from metafleet.simulations.bench_personalization import Execution, collect, plan_for, run_all, write_results
+
+    task_file, fleet = gestures
+    plan = plan_for(str(task_file), quick=True, data=str(fleet))
+    assert plan.data == str(fleet) and plan.folds == (0,) and plan.seeds == (0,)
+    runs = run_all(plan, tmp_path, ["fedavg", "reptile"], Execution(backend="inprocess"))
+    rows, over_rounds = collect(plan, runs, ["fedavg", "reptile"])
+    write_results(plan, tmp_path, rows, over_rounds, elapsed=1.0)
+    assert {row["dataset"] for row in rows} == {"gestures"}
+    assert {"local-only", "fedavg+ft", "reptile"} <= {row["algorithm"] for row in rows}
+    assert "Personalization benchmark: gestures on the fleet in" in (tmp_path / "results.md").read_text()
