@@ -162,7 +162,9 @@ class RunConfig:
         if "min_replies" not in given and filled.get("secure_aggregation"):
             filled["min_replies"] = 2
         if "outer_lr" not in given:
-            filled["outer_lr"] = defaults.outer_lr or OUTER_LR_DEFAULTS.get(filled["outer_optimizer"], 0.0)
+            filled["outer_lr"] = OUTER_LR_DEFAULTS.get(filled["outer_optimizer"], 0.0)
+            if filled["outer_optimizer"] == "adam" and defaults.outer_lr:
+                filled["outer_lr"] = defaults.outer_lr
             prototype_adam = filled["head_init"] == "prototypes" and filled["outer_optimizer"] == "adam"
             if prototype_adam and defaults.prototype_outer_lr:
                 filled["outer_lr"] = defaults.prototype_outer_lr

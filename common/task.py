@@ -85,7 +85,8 @@ class TaskDefaults:
     query_shots: int = 10
     inner_lr: float = 0.01
     inner_steps: int = 5
-    outer_lr: float = 0.0  # 0: the outer optimizer's own default (SGD 1.0, Adam 0.01)
+    # The meta methods' Adam server lr (0: 0.01); FedAvg keeps its SGD step of 1, i.e. model averaging.
+    outer_lr: float = 0.0
     eval_steps: tuple[int, ...] = (0, 1, 5)
     clients: int = 0  # 0: the fleet's own device count
     held_out_clients: int = 0  # 0: a tenth of the clients, at least 1

@@ -436,3 +436,17 @@ def test_the_personalization_benchmark_runs_a_user_task_on_its_folder_fleet(gest
     assert {row["dataset"] for row in rows} == {"gestures"}
     assert {"local-only", "fedavg+ft", "reptile"} <= {row["algorithm"] for row in rows}
     assert "Personalization benchmark: gestures on the fleet in" in (tmp_path / "results.md").read_text()
+
+
+def test_a_tasks_defaults_fill_the_config_and_its_server_lr_is_the_meta_methods(tmp_path, gestures):
+    _, fleet = gestures
+    task_file = write_task(tmp_path / "tuned", GESTURES + """
+    defaults = {{"inner_lr": 0.2, "inner_steps": 3, "shots": 4, "outer_lr": 0.003, "eval_steps": [0, 2]}}
+    """, width=8)
+    reptile = RunConfig.resolve(task=str(task_file), data=str(fleet), algorithm="reptile")
+    assert (reptile.inner_lr, reptile.inner_steps, reptile.shots, reptile.outer_lr) == (0.2, 3, 4, 0.003)
+    assert reptile.eval_steps == (0, 2)
+    assert RunConfig.resolve(task=str(task_file), data=str(fleet), algorithm="fedavg").outer_lr == 1.0
+    assert RunConfig.resolve(task=str(task_file), data=str(fleet), inner_lr=0.5).inner_lr == 0.5
+    with pytest.raises(MetafleetError, match="defaults has unknown fields \\['inner_rate'\\]"):
+        load_task(str(write_task(tmp_path / "typo", GESTURES + "\n    defaults = {{'inner_rate': 0.1}}\n", width=8)))
