@@ -58,7 +58,7 @@ def augment(x: Tensor, rng: np.random.Generator) -> Tensor:
     """Training devices' windows, each as if the phone sat elsewhere on the belt: accelerometer and gyroscope
     turned together about the phone's x axis (the body's vertical when standing) by a random angle, with a
     tilt of up to 10 degrees about y and z. Two validation users wore the phone turned by about 60 and 180
-    degrees in their second session, which a model that learned one orientation read at 11-38 %; with this
+    degrees in their second session, which a model that learned one orientation read at 9-38 %; with this
     augmentation Reptile's accuracy on the six validation users went from 72.5 % to 92.1 % (5 steps)."""
     count = len(x)
     turn, tilt_y, tilt_z = rng.uniform(-np.pi, np.pi, count), *rng.uniform(-0.17, 0.17, (2, count))
