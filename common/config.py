@@ -152,13 +152,15 @@ class RunConfig:
         if algorithm == "fedavg" and "adapt_lr" not in given and defaults.finetune_lr:
             filled["adapt_lr"] = defaults.finetune_lr
         if "held_out_clients" not in given:
+            # A task's default holds for its own fleet size, or for any where it names none (a folder fleet's).
             filled["held_out_clients"] = (
                 defaults.held_out_clients
-                if defaults.held_out_clients and filled["clients"] == defaults.clients
+                if defaults.held_out_clients and defaults.clients in (0, filled["clients"])
                 else max(1, filled["clients"] // 10)
             )
         if "clients_per_round" not in given:
-            filled["clients_per_round"] = max(1, min(10, filled["clients"] - filled["held_out_clients"]))
+            training = filled["clients"] - filled["held_out_clients"]
+            filled["clients_per_round"] = max(1, min(defaults.clients_per_round or 10, training))
         if "min_replies" not in given and filled.get("secure_aggregation"):
             filled["min_replies"] = 2
         if "outer_lr" not in given:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metafleet.common.data import held_out_client_ids
 from metafleet.common.errors import MetafleetError
 from metafleet.common.folder_fleet import FolderFleet
 from metafleet.common.task import fingerprint, load_task
@@ -28,7 +29,21 @@ def fleet_parser() -> argparse.ArgumentParser:
     check.add_argument("--task", required=True, help="the task: FILE.py, package.module[:attr] or a built-in's name")
     check.add_argument("--data", type=Path, required=True, metavar="FLEET_DIR",
                        help="the fleet: FLEET_DIR/<device>/data.npz or data.csv")
+    check.add_argument("--held-out-clients", type=int, metavar="N",
+                       help="also list the devices each fold holds out with N held-out devices (as simulate's --fold)")
+    check.add_argument("--seed", type=int, default=0, help="the seed the folds are dealt with (default 0)")
     return parser
+
+
+def _print_folds(fleet: FolderFleet, held_out: int, seed: int) -> None:
+    """Which devices ``--fold F`` holds out: choose validation devices before any run reports them."""
+    folds = fleet.num_clients // held_out if 1 <= held_out < fleet.num_clients else 0
+    if not folds:
+        raise MetafleetError(f"--held-out-clients must be in [1, {fleet.num_clients}), got {held_out}")
+    print(f"folds of {held_out} held-out devices (seed {seed}):")
+    for fold in range(folds):
+        names = [fleet.device_name(i) for i in held_out_client_ids(fleet.num_clients, held_out, seed, fold)]
+        print(f"  fold {fold}: {', '.join(names)}")
 
 
 def fleet_command(argv: list[str]) -> int:
@@ -61,6 +76,8 @@ def fleet_command(argv: list[str]) -> int:
     if fleet.num_clients > SHOWN_DEVICES:
         print(f"... and {fleet.num_clients - SHOWN_DEVICES} more devices")
     print(f"{'all usable devices':<24} {support_total:>8} {query_total:>8}")
+    if args.held_out_clients is not None:
+        _print_folds(fleet, args.held_out_clients, args.seed)
     if problems:
         lines = [line for device in problems.values() for line in device]
         for line in lines:

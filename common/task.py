@@ -90,6 +90,7 @@ class TaskDefaults:
     eval_steps: tuple[int, ...] = (0, 1, 5)
     clients: int = 0  # 0: the fleet's own device count
     held_out_clients: int = 0  # 0: a tenth of the clients, at least 1
+    clients_per_round: int = 0  # 0: 10, or every training client where there are fewer
     ways: int = 0
     eval_episodes: int = 1
     train_shots: int = 0

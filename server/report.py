@@ -16,6 +16,14 @@ def metric_name(config: RunConfig) -> str:
     return config.task_definition.objective.metric_name
 
 
+def device_names(config: RunConfig, client_ids: list[int]) -> list[str]:
+    """A folder fleet's device names for client ids (its devices are its sorted folder names)."""
+    from metafleet.common.folder_fleet import fleet_devices
+
+    devices = fleet_devices(config.data)
+    return [devices[int(i)] for i in client_ids]
+
+
 def build_summary(config: RunConfig, rows: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
     evaluations = [row for row in rows if row["phase"] == "evaluate"]
     trained = [row for row in rows if row["phase"] == "train"]
@@ -31,6 +39,7 @@ def build_summary(config: RunConfig, rows: list[dict[str, Any]], extra: dict[str
         personalization.update(
             round=last["round"],
             clients_reporting=last["clients"],
+            **({"devices": device_names(config, last["client-ids"])} if config.data else {}),
             mean=[last[f"mean-step-{s}"] for s in config.eval_steps],
             ci95=[last[f"ci95-step-{s}"] for s in config.eval_steps],
             # The same devices when each keeps the adapted model only if its support set says it helps.

@@ -41,6 +41,7 @@ import numpy as np
 from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.errors import MetafleetError
+from metafleet.common.folder_fleet import fleet_devices
 from metafleet.common.task import BenchmarkPlan, BenchmarkSetting, load_task
 from metafleet.common.tasks import BUILTIN_TASKS
 from metafleet.simulations.cli import BACKENDS
@@ -193,6 +194,7 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
     # A client is a device: the same subject, alphabet or role under every seed, but a new draw of data
     # under each seed where the seed deals it (then it is never averaged with its namesake of another seed).
     per_seed_clients = load_task(plan.dataset).clients_depend_on_seed and not plan.data
+    names = fleet_devices(plan.data) if plan.data else None  # a folder fleet's devices go by their names
     rows, over_rounds = [], {}
     for setting in plan.settings:
         per_method: dict[str, dict[tuple[str, int], list[float]]] = {}
@@ -223,7 +225,8 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                         walls[method] = walls.get(method, 0.0) + float(summary["wall_seconds"])
                         table = per_method.setdefault(method, {})
                         for client, curve in clients.items():
-                            device = f"{client}/seed{seed}" if per_seed_clients else str(client)
+                            device = names[client] if names else str(client)
+                            device = f"{device}/seed{seed}" if per_seed_clients else device
                             table.setdefault((device, seed), curve)
                     by_round = over_rounds.setdefault((setting.label, algorithm), {})
                     for row in evaluations:

@@ -81,13 +81,16 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
     from metafleet.client.app import app as client_app
 
     if config.data:
-        from metafleet.common.fleets import make_fleet
+        from metafleet.common.fleets import make_fleet, split_clients
 
-        make_fleet(config)  # a fleet or task that cannot work fails here, in one line, before any device starts
+        # A fleet or task that cannot work fails here, in one line, before any device starts.
+        devices = make_fleet(config)
+        held_out = ", ".join(devices.device_name(i) for i in split_clients(config)[1])
+        print(f"metafleet: held out: {held_out}", file=sys.stderr)
     run_config = {**config.to_run_config(), "out-dir": str(out.resolve()), "resume": resume}
-    fleet = f"the fleet in {config.data}" if config.data else "its own data"
+    source = f"the fleet in {config.data}" if config.data else "its own data"
     print(f"metafleet: simulating {config.clients} clients ({config.held_out_clients} held out), "
-          f"{config.algorithm} on task {config.dataset} with {fleet}, {config.rounds} rounds ({backend}) -> {out}",
+          f"{config.algorithm} on task {config.dataset} with {source}, {config.rounds} rounds ({backend}) -> {out}",
           file=sys.stderr)
     if backend == "ray":
         from metafleet.server.app import app as server_app

@@ -450,3 +450,26 @@ def test_a_tasks_defaults_fill_the_config_and_its_server_lr_is_the_meta_methods(
     assert RunConfig.resolve(task=str(task_file), data=str(fleet), inner_lr=0.5).inner_lr == 0.5
     with pytest.raises(MetafleetError, match="defaults has unknown fields \\['inner_rate'\\]"):
         load_task(str(write_task(tmp_path / "typo", GESTURES + "\n    defaults = {{'inner_rate': 0.1}}\n", width=8)))
+
+
+def test_reports_name_a_folder_fleets_devices_and_fleet_check_lists_the_folds(gestures, tmp_path, capsys):
+    task_file, fleet = gestures
+    out = tmp_path / "run"
+    assert main(["simulate", "--task", str(task_file), "--data", str(fleet), "--held-out-devices", "dev-02,dev-05",
+                 "--rounds", "1", "--backend", "inprocess", "--out", str(out)]) == 0
+    assert "held out: dev-02, dev-05" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["personalization"]["devices"] == ["dev-02", "dev-05"]
+    assert main(["fleet", "check", "--task", str(task_file), "--data", str(fleet), "--held-out-clients", "2"]) == 0
+    printed = capsys.readouterr().out
+    config = RunConfig.resolve(task=str(task_file), data=str(fleet), held_out_clients=2, fold=1)
+    expected = ", ".join(f"dev-{i:02d}" for i in split_clients(config)[1])
+    assert f"fold 1: {expected}" in printed and "fold 2:" in printed and "fold 3:" not in printed
+
+
+def test_a_tasks_held_out_and_per_round_defaults_apply_to_its_folder_fleet(tmp_path, gestures):
+    _, fleet = gestures
+    task_file = write_task(tmp_path / "planned", GESTURES + """
+    defaults = {{"held_out_clients": 3, "clients_per_round": 2}}
+    """, width=8)
+    config = RunConfig.resolve(task=str(task_file), data=str(fleet))
+    assert (config.clients, config.held_out_clients, config.clients_per_round) == (6, 3, 2)

@@ -76,10 +76,9 @@ def augment(x: Tensor, rng: np.random.Generator) -> Tensor:
 # Learning defaults, each a command-line flag too. Chosen on six validation users only (user-01, -04, -10, -14,
 # -16, -21: fold 4 of seed 0, which the benchmark below never reports; docs/tutorial/own-fleet.md shows the
 # runs): the inner lr from 0.02/0.05/0.1 by Reptile's accuracy after 5 steps (0.05 and 0.1 tied at 92.1 %),
-# FedAvg's fine-tuning lr from 0.05..0.002 with scripts/tune-adapt-lr (0.02: 89.4 %). clients=30 is this
-# fleet's size: TaskDefaults' held_out_clients applies only where clients matches the run's client count.
+# FedAvg's fine-tuning lr from 0.05..0.002 with scripts/tune-adapt-lr (0.02: 89.4 %).
 defaults = TaskDefaults(shots=5, query_shots=10, inner_lr=0.05, inner_steps=5, eval_steps=(0, 1, 5),
-                        clients=30, held_out_clients=6, eval_episodes=5, finetune_lr=0.02)
+                        held_out_clients=6, clients_per_round=8, eval_episodes=5, finetune_lr=0.02)
 
 # What `metafleet bench personalization --task docs/tutorial/hapt/task.py --data FLEET` runs: folds 0-3 of
 # seed 0 hold out 24 users, six at a time, each once; fold 4 (the validation users) is left out.
