@@ -10,13 +10,10 @@ FROM --platform=linux/arm64 python:3.11-slim-bookworm
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
     FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-# PyPI's aarch64 torch is a CUDA build that pulls over 1 GB of NVIDIA libraries; PyTorch's CPU index has
-# the CPU-only aarch64 wheel a Pi needs.
-RUN python -m venv /opt/metafleet/venv \
- && /opt/metafleet/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"
-
+# scripts/install picks constraints-aarch64.txt by architecture: PyPI's CPU-only aarch64 torch (2.10.0; PyPI's
+# later aarch64 wheels are CUDA builds that would pull about 2.9 GB of NVIDIA libraries). Client extra only.
 COPY . /opt/metafleet/src
-RUN /opt/metafleet/venv/bin/pip install "/opt/metafleet/src[client]" \
+RUN cd /opt/metafleet/src && METAFLEET_VENV=/opt/metafleet/venv scripts/install client \
  && useradd --system --home-dir /var/lib/metafleet --create-home metafleet
 
 USER metafleet
