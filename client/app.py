@@ -16,6 +16,7 @@ Handlers:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
@@ -40,6 +41,7 @@ from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel, check_update, global_norm
 from metafleet.common.privacy import clip_to_norm, clip_values
 from metafleet.common.records import from_array_record, to_array_record
+from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR, MASK_GENERATOR_KEY, bind
 from metafleet.common.task import fingerprint
 from metafleet.common.training import client_personalization, client_train
 
@@ -55,6 +57,10 @@ NODE_SECURE_AGGREGATION = "secure-aggregation"
 # A deployed device's own task (its copy of the task file, or a module), in place of the server's path.
 NODE_TASK = "task"
 KEEP_MODEL_ACTION = "keep_model"
+
+
+# The device's SecAgg+ masks come from metafleet's generator (metafleet.common.secure_masks), not Flower's.
+bind(importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"))
 
 
 class AggregationModeError(MetafleetError):
@@ -80,9 +86,16 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
             "the server runs secure aggregation (SecAgg+) but this device is set up without it (node config "
             "secure-aggregation=false); restart the device without that setting to take part."
         )
-    if server_secure:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
+    if not server_secure:
+        return call_next(msg, context)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    setup = configs.get(Key.STAGE) == Stage.SETUP
+    if setup and configs.get(MASK_GENERATOR_KEY) != MASK_GENERATOR:
+        raise AggregationModeError(
+            f"the server's SecAgg+ masks come from {configs.get(MASK_GENERATOR_KEY) or FLOWER_GENERATOR}, this "
+            f"device's from {MASK_GENERATOR}: they would not cancel, so this device takes no part; run the same "
+            "metafleet on the server and the devices")
+    return secaggplus_mod(msg, context, call_next)
 
 
 def _device_secure_aggregation(context: Context) -> bool | None:
@@ -227,6 +240,7 @@ def query(msg: Message, context: Context) -> Message:
             "num-examples": sum(len(s.support[0]) + len(s.query[0]) for s in device.data.splits),
             "fingerprint": _fingerprint(device.config),
             "task": device.config.dataset,
+            "mask-generator": MASK_GENERATOR,
         }
     )
     return Message(RecordDict({"info": info}), reply_to=msg)

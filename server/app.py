@@ -24,6 +24,7 @@ from metafleet.common.config import SERVER_OPTION_DEFAULTS, RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.fleets import make_model
 from metafleet.common.records import to_array_record
+from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR
 from metafleet.common.task import fingerprint
 from metafleet.server.grid import MeteredGrid
 from metafleet.server.report import metric_name, write_report
@@ -232,6 +233,13 @@ def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_secon
             log.warning("node %d could not say who it is and takes no part: %s", node, short_reason(reply.error.reason))
             continue
         info = reply.content["info"]
+        masks = info.get("mask-generator")
+        if strategy.config.secure_aggregation and masks != MASK_GENERATOR:
+            reason = (f"its SecAgg+ masks come from {masks or FLOWER_GENERATOR}, the server's from {MASK_GENERATOR}: "
+                      "they would not cancel, so it takes no part in this secure run")
+            log.warning("node %d (client %s) refused: %s", node, info.get("client-id"), reason)
+            strategy.rejections.append(Rejection(0, node, reason))
+            continue
         theirs = info.get("fingerprint")
         if model_fingerprint is not None and theirs != model_fingerprint:
             reason = (f"its model (task {info.get('task')!r}, fingerprint {theirs}) differs from the server's "

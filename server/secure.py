@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -26,6 +26,7 @@ from flwr.common import (
     Scalar,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -33,14 +34,18 @@ from flwr.server.compat import LegacyContext
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 from flwr.serverapp import Grid
 
 from metafleet.common.meta import Params, check_update
 from metafleet.common.records import to_array_record
+from metafleet.common.secure_masks import MASK_GENERATOR, MASK_GENERATOR_KEY, bind
 from metafleet.server.grid import MeteredGrid
 from metafleet.server.strategy import MetaStrategy
 
 log = logging.getLogger("metafleet.server")
+# The server unmasks with metafleet's mask generator (metafleet.common.secure_masks), as the devices mask.
+bind(secaggplus_workflow)
 
 # What the legacy workflow reads from its context's state: the round number and θ.
 _ROUND_RECORD, _ROUND_KEY, _PARAMS_RECORD = "config", "current_round", "parameters"
@@ -87,7 +92,7 @@ class SecureAggregation:
         grid.take_errors()  # earlier rounds' and evaluations' errors are not this round's
         with _quiet_flower():
             try:
-                workflow(grid, self.legacy)
+                workflow(_AgreedMasks(grid), self.legacy)
             except Exception as error:  # noqa: BLE001 - a malformed reply must cost one round, not the run
                 self.adapter.outcome = f"failed ({type(error).__name__}: {error})"
         node_errors = dict(grid.take_errors())
@@ -103,6 +108,52 @@ class SecureAggregation:
                 "shares)", server_round, self.adapter.outcome or "halted", len(self.adapter.contributors),
                 stats.sampled, threshold, shares,
             )
+
+
+class _AgreedMasks(Grid):
+    """The round's grid, with the server's mask generator named in every SecAgg+ setup message, so a device
+    with another generator refuses loudly instead of masking with masks that would not cancel. (Devices
+    announce theirs at discovery, where the server refuses a mismatch: Flower 1.42's workflow fails the whole
+    round when a device drops out at the setup stage, KeyError in the unmask stage, docs/FLOWER-NOTES.md.)"""
+
+    def __init__(self, grid: MeteredGrid):
+        self._grid = grid
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201 - Flower's Grid signature
+        messages = list(messages)
+        for message in messages:
+            if _stage(message) == Stage.SETUP:
+                message.content.config_records[RECORD_KEY_CONFIGS][MASK_GENERATOR_KEY] = MASK_GENERATOR
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    # The rest of Grid, delegated.
+    def set_run(self, run) -> None:  # noqa: ANN001
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self):  # noqa: ANN201
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        return self._grid.pull_messages(message_ids)
+
+
+def _stage(message: Message) -> str | None:
+    if not message.has_content() or RECORD_KEY_CONFIGS not in message.content.config_records:
+        return None
+    return message.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
 
 
 @contextmanager

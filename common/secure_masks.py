@@ -1,0 +1,92 @@
+"""SecAgg+ masks from a cryptographic stream keyed by the whole seed, in place of Flower 1.42's generator.
+
+Flower 1.42's ``flwr.common.secure_aggregation.secaggplus_utils.pseudo_rand_gen`` XOR-folds each 32-byte seed
+(a device's private mask seed, and every pairwise key from ECDH) to 32 bits and draws the mask from numpy's
+Mersenne Twister: two seeds that fold alike give the same mask, and 2^32 seeds can be searched (Flower issue
+#7522). ``pseudo_rand_gen`` here derives a 256-bit ChaCha20 key from the whole seed with HKDF-SHA256 and reads
+the mask from ChaCha20's keystream (both from ``cryptography``; nothing cryptographic is written here), uniform
+over ``[0, num_range)``: a power-of-two range takes the low bits of 32-bit words (no bias), any other range
+rejects the words above the largest multiple of it.
+
+Flower's device mod (``secaggplus_mod``) and server workflow (``secaggplus_workflow``) import the function by
+name, so ``bind`` rebinds that name in each module: the device does it in ``metafleet.client.app``, the server
+in ``metafleet.server.secure``. ``bind`` refuses a module whose function is not Flower 1.42's (a Flower that
+changed under metafleet, tests/test_secure_masks.py), and both sides announce ``MASK_GENERATOR`` in the
+protocol's setup stage (``MASK_GENERATOR_KEY``) and refuse a peer that names another: masks from two
+generators would not cancel, and the sum would be garbage.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MASK_GENERATOR = "metafleet-hkdf-sha256-chacha20-v1"
+MASK_GENERATOR_KEY = "metafleet-mask-generator"
+FLOWER_GENERATOR = "Flower's own (numpy's Mersenne Twister seeded with 32 bits of the seed)"
+FLOWER_MODULE = "flwr.common.secure_aggregation.secaggplus_utils"
+_INFO = b"metafleet SecAgg+ mask v1"
+_NONCE = bytes(16)  # one key per seed, used for one stream: a fixed nonce repeats nothing
+_MAX_DRAWS = 64  # rejection rounds; each keeps more than half of the words, so 64 never run out in practice
+
+
+def _stream(seed: bytes):  # noqa: ANN202 - cryptography's CipherContext
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(seed)
+    return Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
+
+
+def _words(stream, count: int) -> np.ndarray:  # noqa: ANN001
+    return np.frombuffer(stream.update(bytes(4 * count)), dtype="<u4")
+
+
+def mask_values(seed: bytes, num_range: int, count: int) -> np.ndarray:
+    """``count`` integers uniform over ``[0, num_range)`` from ``seed``'s stream (int64)."""
+    if not 2 <= num_range <= 2**32:
+        raise ValueError(f"num_range must be in [2, 2**32], got {num_range}")
+    stream = _stream(seed)
+    if num_range & (num_range - 1) == 0:
+        return (_words(stream, count) & np.uint32(num_range - 1)).astype(np.int64)
+    limit = (2**32 // num_range) * num_range  # words at or above it would favour the low residues
+    kept: list[np.ndarray] = []
+    missing = count
+    for _ in range(_MAX_DRAWS):
+        if missing <= 0:
+            break
+        words = _words(stream, missing + missing // 2 + 16)
+        accepted = words[words < limit][:missing]
+        kept.append(accepted)
+        missing -= len(accepted)
+    if missing > 0:
+        raise RuntimeError("the mask stream ran out of accepted words")
+    return (np.concatenate(kept) % np.uint32(num_range)).astype(np.int64) if kept else np.empty(0, np.int64)
+
+
+def pseudo_rand_gen(seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Flower's ``pseudo_rand_gen`` contract (one int64 array a shape, values in ``[0, num_range)``), from a
+    stream keyed by the whole seed."""
+    sizes = [int(np.prod(shape, dtype=np.int64)) for shape in dimensions_list]
+    values = mask_values(bytes(seed), num_range, sum(sizes))
+    output, start = [], 0
+    for shape, size in zip(dimensions_list, sizes, strict=True):
+        output.append(values[start:start + size].reshape(shape))
+        start += size
+    return output
+
+
+def bind(module: ModuleType) -> None:
+    """Make ``module`` (Flower's secaggplus_mod or secaggplus_workflow) draw its masks here."""
+    current = getattr(module, "pseudo_rand_gen", None)
+    if current is pseudo_rand_gen:
+        return
+    parameters = list(inspect.signature(current).parameters) if callable(current) else []
+    if getattr(current, "__module__", None) != FLOWER_MODULE or parameters != ["seed", "num_range", "dimensions_list"]:
+        raise RuntimeError(
+            f"{module.__name__}.pseudo_rand_gen is not Flower 1.42's mask generator ({current!r}); metafleet cannot "
+            "replace it safely on this Flower version (pin flwr==1.42.*)")
+    module.pseudo_rand_gen = pseudo_rand_gen
