@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import secrets
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +40,7 @@ from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
 from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel, check_update, global_norm
-from metafleet.common.privacy import clip_to_norm, clip_values
+from metafleet.common.privacy import clip_to_norm, clip_values, distributed_dp_share
 from metafleet.common.records import from_array_record, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR, MASK_GENERATOR_KEY, bind
 from metafleet.common.task import fingerprint
@@ -286,6 +287,12 @@ def train(msg: Message, context: Context) -> Message:
     if device.config.differential_privacy:
         pseudo_grad, _ = clip_to_norm(pseudo_grad, device.config.dp_clip_norm)
         weight = 1
+    if device.config.distributed_dp and secure:
+        # The device's share of the noise, from the OS's random source (never the run's seed, which the server
+        # knows), on SecAgg+'s lattice so that masking and unmasking add no rounding of their own.
+        pseudo_grad, _ = distributed_dp_share(
+            pseudo_grad, device.config.dp_clip_norm, device.config.dp_noise_multiplier, device.config.min_replies,
+            device.config.secagg_step, np.random.default_rng(secrets.randbits(128)))
     if not secure:
         metrics = MetricRecord({"num-examples": weight, **update.metrics})
         return Message(RecordDict({"arrays": to_array_record(pseudo_grad), "metrics": metrics}), reply_to=msg)

@@ -59,6 +59,10 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
                         help="client-level differential privacy: Gaussian noise σ (0: off)")
     parser.add_argument("--dp-clip-norm", type=float, help="differential privacy: L2 bound C of every update")
     parser.add_argument("--dp-delta", type=float, help="differential privacy: the δ epsilon is reported at")
+    parser.add_argument("--dp-mode", choices=["central", "distributed"],
+                        help="who adds the noise: central (the server, to the mean it learnt: protects against "
+                        "whoever sees the model) or distributed (each device a share before SecAgg+ masks: protects "
+                        "against the server too; needs --secure-aggregation). Default central")
     parser.add_argument("--seed", type=int)
 
 

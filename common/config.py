@@ -34,6 +34,9 @@ OUTER_LR_DEFAULTS = {"sgd": 1.0, "adam": 0.01}
 # them; query gradients (fomaml, maml) reached 4.8 and exceed 8 on some sinusoid tasks, so they get 64
 # (quantization step 3e-5, still far below their size).
 SECAGG_RANGE_DEFAULTS = {"fedavg": 8.0, "reptile": 8.0, "fomaml": 64.0, "maml": 64.0}
+# SecAgg+'s quantization: values in ±range become integers in [0, 2^22], a step of 2·range/2^22.
+SECAGG_QUANTIZATION_RANGE = 2**22
+DP_MODES = ("central", "distributed")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ class RunConfig:
     dp_noise_multiplier: float = 0.0
     dp_clip_norm: float = 1.0
     dp_delta: float = 1e-5
+    # Who adds the noise: "central", the server, to the mean it has learnt (protects against whoever sees the
+    # model, not against the server); "distributed", every device a share of it before SecAgg+ masks, on
+    # SecAgg+'s lattice (the distributed discrete Gaussian), so the server only ever sees a noised sum. Each
+    # device adds std σ·Δ/sqrt(min_replies), so any min_replies devices' shares make up the whole noise.
+    dp_mode: str = "central"
     seed: int = 0
     # Classes per episode; 0 means every class the client has (and regression ignores it).
     ways: int = 0
@@ -243,6 +251,10 @@ class RunConfig:
                  "must be a finite number >= 0")
         _require(self, "dp_clip_norm", _finite_positive(self.dp_clip_norm), "must be a finite number > 0")
         _require(self, "dp_delta", 0 < self.dp_delta < 1, "must be in (0, 1)")
+        _require(self, "dp_mode", self.dp_mode in DP_MODES, f"must be one of {list(DP_MODES)}")
+        _require(self, "dp_mode", self.dp_mode == "central" or (self.secure_aggregation and self.differential_privacy),
+                 "'distributed' needs secure aggregation and a noise multiplier > 0 (each device's share of the "
+                 "noise is too small to show its update to the server alone)")
         _require(self, "ways", self.ways == 0 or self.ways >= 2, "must be 0 (all classes) or >= 2")
         _require(self, "eval_episodes", 1 <= self.eval_episodes <= 100, "must be in [1, 100]")
         _require(self, "fold", 0 <= self.fold < self.folds,
@@ -283,6 +295,15 @@ class RunConfig:
     @property
     def differential_privacy(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    @property
+    def distributed_dp(self) -> bool:
+        return self.differential_privacy and self.dp_mode == "distributed"
+
+    @property
+    def secagg_step(self) -> float:
+        """SecAgg+'s quantization step: the lattice distributed DP's noise lives on."""
+        return 2 * self.secagg_range / SECAGG_QUANTIZATION_RANGE
 
     @property
     def training_shots(self) -> int:

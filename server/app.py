@@ -177,7 +177,9 @@ def _privacy_summary(config: RunConfig, strategy: MetaStrategy) -> dict[str, Any
     return {
         "epsilon": strategy.privacy.epsilon, "delta": config.dp_delta, "noise_multiplier": config.dp_noise_multiplier,
         "clip_norm": config.dp_clip_norm, "noised_rounds": strategy.privacy.rounds,
-        "sample_rate": strategy.privacy.sample_rate, "accountant": "opacus RDP",
+        "sample_rate": strategy.privacy.sample_rate, "accountant": "opacus RDP", "mode": config.dp_mode,
+        # Distributed: the devices' shares that make up the whole noise (a round needs at least this many).
+        **({"noise_shares": config.min_replies} if config.distributed_dp else {}),
     }
 
 

@@ -45,6 +45,14 @@ class PrivacyLedger:
         self._sync_accountant()
         return {name: value + noise[name] for name, value in mean.items()}
 
+    def count_noised_round(self) -> None:
+        """A round whose mean came noised from the devices (distributed DP): at least min_replies devices'
+        shares, each of std σ·Δ/sqrt(min_replies), make the sum's noise std σ·Δ or more on sensitivity Δ:
+        the same Gaussian mechanism of multiplier σ, accounted the same way (conservatively, as if exactly
+        min_replies devices took part)."""
+        self.rounds += 1
+        self._sync_accountant()
+
     @property
     def epsilon(self) -> float:
         return float(self.accountant.get_epsilon(self.config.dp_delta)) if self.rounds else 0.0

@@ -37,6 +37,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 from flwr.serverapp import Grid
 
+from metafleet.common.config import SECAGG_QUANTIZATION_RANGE
 from metafleet.common.meta import Params, check_update
 from metafleet.common.records import to_array_record
 from metafleet.common.secure_masks import MASK_GENERATOR, MASK_GENERATOR_KEY, bind
@@ -84,7 +85,8 @@ class SecureAggregation:
         threshold = min(self.config.secagg_threshold_count, shares - 1)
         workflow = SecAggPlusWorkflow(
             num_shares=shares, reconstruction_threshold=threshold, max_weight=self.max_weight,
-            clipping_range=self.config.secagg_range, timeout=self.timeout,
+            clipping_range=self.config.secagg_range, quantization_range=SECAGG_QUANTIZATION_RANGE,
+            timeout=self.timeout,
         )
         self.legacy.state.config_records[_ROUND_RECORD] = ConfigRecord({_ROUND_KEY: server_round})
         self.legacy.state.array_records[_PARAMS_RECORD] = to_array_record(self.strategy.params)

@@ -146,7 +146,10 @@ class MetaStrategy(FedAvg):
         With differential privacy, the mean of ``contributors`` clipped updates gets its noise here first.
         """
         if self.privacy is not None:
-            mean_pseudo_grad = self.privacy.noised_mean(mean_pseudo_grad, contributors)
+            if self.config.distributed_dp:
+                self.privacy.count_noised_round()  # the devices' shares are in the mean already
+            else:
+                mean_pseudo_grad = self.privacy.noised_mean(mean_pseudo_grad, contributors)
             self.last_round.metrics["epsilon"] = self.privacy.epsilon
         self.params = self.optimizer.step(self.params, mean_pseudo_grad)
 
