@@ -9,18 +9,21 @@ over ``[0, num_range)``: a power-of-two range takes the low bits of 32-bit words
 rejects the words above the largest multiple of it.
 
 Flower's device mod (``secaggplus_mod``) and server workflow (``secaggplus_workflow``) import the function by
-name, so ``bind`` rebinds that name in each module: the device does it in ``metafleet.client.app``, the server
-in ``metafleet.server.secure``. ``bind`` refuses a module whose function is not Flower 1.42's (a Flower that
-changed under metafleet, tests/test_secure_masks.py), and both sides announce ``MASK_GENERATOR`` in the
-protocol's setup stage (``MASK_GENERATOR_KEY``) and refuse a peer that names another: masks from two
-generators would not cancel, and the sum would be garbage.
+name, so ``bind`` rebinds that name in each module (and, for the upload, the device's encoding of its
+masked vector as 32-bit words and the server's widening of them back to int64): the device does it in
+``metafleet.client.app``, the server in ``metafleet.server.secure``. ``bind`` refuses a module whose function
+is not Flower 1.42's (a Flower that changed under metafleet, tests/test_secure_masks.py). Both sides name
+``MASK_GENERATOR``: a device at discovery (the server refuses another) and the server in the protocol's
+setup stage (``MASK_GENERATOR_KEY``; a device refuses another): masks from two generators would not cancel,
+and the sum would be garbage.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -79,14 +82,42 @@ def pseudo_rand_gen(seed: bytes, num_range: int, dimensions_list: Sequence[tuple
     return output
 
 
-def bind(module: ModuleType) -> None:
-    """Make ``module`` (Flower's secaggplus_mod or secaggplus_workflow) draw its masks here."""
-    current = getattr(module, "pseudo_rand_gen", None)
-    if current is pseudo_rand_gen:
-        return
-    parameters = list(inspect.signature(current).parameters) if callable(current) else []
-    if getattr(current, "__module__", None) != FLOWER_MODULE or parameters != ["seed", "num_range", "dimensions_list"]:
-        raise RuntimeError(
-            f"{module.__name__}.pseudo_rand_gen is not Flower 1.42's mask generator ({current!r}); metafleet cannot "
-            "replace it safely on this Flower version (pin flwr==1.42.*)")
-    module.pseudo_rand_gen = pseudo_rand_gen
+def narrow_masked_words(array: np.ndarray) -> bytes:
+    """Flower's ``ndarray_to_bytes`` for the device's masked vector, as 32-bit words where they fit: the
+    values lie in [0, modulus) and the modulus is at most 2^32, so int64 doubled every upload."""
+    if array.dtype == np.int64 and array.size and 0 <= int(array.min()) and int(array.max()) < 2**32:
+        array = array.astype("<u4")
+    return _FLOWERS["ndarray_to_bytes"](array)
+
+
+def widen_masked_words(data: bytes) -> np.ndarray:
+    """Flower's ``bytes_to_ndarray`` for the server's sum of masked vectors: 32-bit words back to int64, so
+    that adding many of them cannot overflow (any modulus, not only 2^32, then stays exact)."""
+    array = _FLOWERS["bytes_to_ndarray"](data)
+    return array.astype(np.int64) if array.dtype == np.uint32 else array
+
+
+# Flower's own functions, kept by bind for the replacements that wrap them (common never imports flwr).
+_FLOWERS: dict[str, Callable[..., Any]] = {}
+_REPLACEMENTS = {
+    "pseudo_rand_gen": (pseudo_rand_gen, FLOWER_MODULE, ["seed", "num_range", "dimensions_list"]),
+    "ndarray_to_bytes": (narrow_masked_words, "flwr.compat.common.parameter", ["ndarray"]),
+    "bytes_to_ndarray": (widen_masked_words, "flwr.compat.common.parameter", ["tensor"]),
+}
+
+
+def bind(module: ModuleType, names: Sequence[str] = ("pseudo_rand_gen",)) -> None:
+    """Make ``module`` (Flower's secaggplus_mod or secaggplus_workflow) call metafleet's versions of
+    ``names``: the mask generator, and the masked vector's 32-bit encoding (device) and decoding (server)."""
+    for name in names:
+        replacement, flower_module, parameters = _REPLACEMENTS[name]
+        current = getattr(module, name, None)
+        if current is replacement:
+            continue
+        found = list(inspect.signature(current).parameters) if callable(current) else []
+        if getattr(current, "__module__", None) != flower_module or found != parameters:
+            raise RuntimeError(
+                f"{module.__name__}.{name} is not Flower 1.42's ({current!r}); metafleet cannot replace it safely "
+                "on this Flower version (pin flwr==1.42.*)")
+        _FLOWERS[name] = current
+        setattr(module, name, replacement)

@@ -46,7 +46,8 @@ from metafleet.server.strategy import MetaStrategy
 
 log = logging.getLogger("metafleet.server")
 # The server unmasks with metafleet's mask generator (metafleet.common.secure_masks), as the devices mask.
-bind(secaggplus_workflow)
+# and widens the devices' 32-bit masked words back to int64 before summing them.
+bind(secaggplus_workflow, ("pseudo_rand_gen", "bytes_to_ndarray"))
 
 # What the legacy workflow reads from its context's state: the round number and θ.
 _ROUND_RECORD, _ROUND_KEY, _PARAMS_RECORD = "config", "current_round", "parameters"

@@ -72,7 +72,7 @@ def test_bind_refuses_a_flower_whose_generator_changed():
                                                                                       "dimensions_list"]
     changed = types.ModuleType("flwr_like")
     changed.pseudo_rand_gen = lambda seed, num_range, dimensions_list, extra=0: []
-    with pytest.raises(RuntimeError, match="is not Flower 1.42's mask generator"):
+    with pytest.raises(RuntimeError, match="pseudo_rand_gen is not Flower 1.42's"):
         bind(changed)
 
 
@@ -113,3 +113,21 @@ def test_the_server_refuses_a_device_with_another_mask_generator_at_discovery_an
     assert [row["accepted"] for row in rows if row["phase"] == "train"] == [4, 4]
     trained = {reply.metadata.src_node_id for reply in grid.replies if reply.metadata.message_type == "train"}
     assert refused not in trained and len(trained) >= 4
+
+
+def test_masked_vectors_travel_as_32_bit_words_and_the_sum_stays_exact():
+    from flwr.common import bytes_to_ndarray
+
+    from metafleet.common.training import weighted_mean
+    from tests.test_secure_aggregation import STEP, _flat
+
+    fleet = Fleet()
+    theta = fleet.run_round()
+    words = [bytes_to_ndarray(item) for reply in fleet.grid.replies
+             for record in reply.content.config_records.values() for value in record.values()
+             for item in (value if isinstance(value, list) else [value])
+             if isinstance(item, bytes) and item[:6] == b"\x93NUMPY"]
+    assert words and all(array.dtype == np.uint32 for array in words)
+    (mean, _), = fleet.received
+    expected = weighted_mean(list(fleet.plaintext_updates(1, theta).values()), [1.0] * 5)
+    assert (_flat(mean) - _flat(expected)).abs().max().item() < STEP
