@@ -63,7 +63,7 @@ KEEP_MODEL_ACTION = "keep_model"
 # The device's SecAgg+ masks come from metafleet's generator (metafleet.common.secure_masks), not Flower's.
 # Its masked vector travels as 32-bit words where the modulus allows (half of Flower's int64 upload).
 bind(importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
-     ("pseudo_rand_gen", "ndarray_to_bytes"))
+     ("pseudo_rand_gen", "ndarray_to_bytes", "create_shares", "bytes_to_private_key"))
 
 
 class AggregationModeError(MetafleetError):

@@ -20,6 +20,7 @@ and the sum would be garbage.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -97,12 +98,59 @@ def widen_masked_words(data: bytes) -> np.ndarray:
     return array.astype(np.int64) if array.dtype == np.uint32 else array
 
 
+def create_shares_serially(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """Flower's ``create_shares`` (the same pycryptodome Shamir splits, the same share format) without the
+    thread pool it starts for every call: for a 32-byte secret (three chunks) starting the pool cost more
+    than the sharing, twice per device and round."""
+    from Crypto.Protocol.SecretSharing import Shamir
+    from Crypto.Util.Padding import pad
+
+    padded = pad(secret, 16)
+    shares = [bytearray(index.to_bytes(4, "little", signed=False)) for index in range(1, num + 1)]
+    for start in range(0, len(padded), 16):
+        for index, share in Shamir.split(threshold, num, padded[start:start + 16], ssss=False):
+            shares[index - 1] += share
+    return [bytes(share) for share in shares]
+
+
+def combine_shares_serially(share_list: list[bytes]) -> bytes:
+    """Flower's ``combine_shares`` without its thread pool (the server calls it for every device a round)."""
+    from Crypto.Protocol.SecretSharing import Shamir
+    from Crypto.Util.Padding import unpad
+
+    chunks = (len(share_list[0]) - 4) >> 4
+    indexed = [(int.from_bytes(share[:4], "little", signed=False), share) for share in share_list]
+    padded = b"".join(
+        Shamir.combine([(index, share[4 + 16 * chunk:20 + 16 * chunk]) for index, share in indexed], ssss=False)
+        for chunk in range(chunks))
+    try:
+        return unpad(padded, 16)
+    except ValueError:
+        raise ValueError("Failed to combine shares") from None
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_private_key(private_key_bytes: bytes) -> Any:
+    return _FLOWERS["bytes_to_private_key"](private_key_bytes)
+
+
+def bytes_to_private_key_once(private_key_bytes: bytes) -> Any:
+    """Flower's ``bytes_to_private_key``, parsed once per key: SecAgg+ parses a device's own secret key again
+    for every neighbour (PEM parsing was a tenth of a secure round)."""
+    return _cached_private_key(bytes(private_key_bytes))
+
+
 # Flower's own functions, kept by bind for the replacements that wrap them (common never imports flwr).
 _FLOWERS: dict[str, Callable[..., Any]] = {}
 _REPLACEMENTS = {
     "pseudo_rand_gen": (pseudo_rand_gen, FLOWER_MODULE, ["seed", "num_range", "dimensions_list"]),
     "ndarray_to_bytes": (narrow_masked_words, "flwr.compat.common.parameter", ["ndarray"]),
     "bytes_to_ndarray": (widen_masked_words, "flwr.compat.common.parameter", ["tensor"]),
+    "create_shares": (create_shares_serially, "flwr.common.secure_aggregation.crypto.shamir",
+                      ["secret", "threshold", "num"]),
+    "combine_shares": (combine_shares_serially, "flwr.common.secure_aggregation.crypto.shamir", ["share_list"]),
+    "bytes_to_private_key": (bytes_to_private_key_once, "flwr.supercore.primitives.asymmetric",
+                             ["private_key_bytes"]),
 }
 
 

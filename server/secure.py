@@ -47,7 +47,7 @@ from metafleet.server.strategy import MetaStrategy
 log = logging.getLogger("metafleet.server")
 # The server unmasks with metafleet's mask generator (metafleet.common.secure_masks), as the devices mask.
 # and widens the devices' 32-bit masked words back to int64 before summing them.
-bind(secaggplus_workflow, ("pseudo_rand_gen", "bytes_to_ndarray"))
+bind(secaggplus_workflow, ("pseudo_rand_gen", "bytes_to_ndarray", "combine_shares", "bytes_to_private_key"))
 
 # What the legacy workflow reads from its context's state: the round number and θ.
 _ROUND_RECORD, _ROUND_KEY, _PARAMS_RECORD = "config", "current_round", "parameters"

@@ -131,3 +131,18 @@ def test_masked_vectors_travel_as_32_bit_words_and_the_sum_stays_exact():
     (mean, _), = fleet.received
     expected = weighted_mean(list(fleet.plaintext_updates(1, theta).values()), [1.0] * 5)
     assert (_flat(mean) - _flat(expected)).abs().max().item() < STEP
+
+
+def test_shares_made_without_flowers_thread_pool_are_flowers_format_both_ways():
+    import os
+
+    from flwr.common.secure_aggregation.crypto import shamir
+
+    from metafleet.common.secure_masks import combine_shares_serially, create_shares_serially
+
+    secret = os.urandom(32)
+    ours, flowers = create_shares_serially(secret, 3, 5), shamir.create_shares(secret, 3, 5)
+    assert [len(share) for share in ours] == [len(share) for share in flowers]
+    assert [share[:4] for share in ours] == [share[:4] for share in flowers]  # the same indices
+    assert shamir.combine_shares(ours[1:4]) == secret == combine_shares_serially(flowers[::2])
+    assert combine_shares_serially([ours[4], ours[0], ours[2]]) == secret
