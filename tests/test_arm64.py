@@ -1,7 +1,8 @@
 """The emulated Raspberry Pi, end to end (scripts/check-arm64): a Debian bookworm arm64 root under qemu-user-static
 installs the client as deploy/raspberry-pi.md says and trains in a real TLS deployment on 127.0.0.1 against a host
-server, keeps its models and runs `metafleet predict`. Opt-in: it takes 20+ minutes (about 40 the first time,
-building the root) and needs root, qemu-user-static, debootstrap and network access to Debian and PyPI.
+server, keeps its models and runs `metafleet predict`. Opt-in: it needs root, qemu-user-static, debootstrap and
+network access to Debian and PyPI, and takes 15 minutes the first time on 2 idle cores (building the root in
+/var/tmp/metafleet-arm64), 5-7 minutes reusing it, longer on a loaded machine.
 
     METAFLEET_ARM64=1 .venv/bin/python -m pytest -m arm64 tests/test_arm64.py
 """
@@ -18,7 +19,7 @@ pytestmark = [
     pytest.mark.arm64,
     pytest.mark.skipif(
         os.environ.get("METAFLEET_ARM64") != "1",
-        reason="emulated arm64 check: takes 20+ minutes and needs root, qemu-user-static and debootstrap; "
+        reason="emulated arm64 check: takes 5-15 minutes and needs root, qemu-user-static and debootstrap; "
                "run with METAFLEET_ARM64=1",
     ),
 ]

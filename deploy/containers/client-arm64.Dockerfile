@@ -3,7 +3,7 @@
 #   docker buildx build --platform linux/arm64 -f deploy/containers/client-arm64.Dockerfile -t metafleet-client .
 # Run (the device's data folder, key and the fleet's CA certificate from the host):
 #   docker run -d --restart unless-stopped --name metafleet-client \
-#     -v /var/lib/metafleet/data:/data:ro -v /etc/metafleet:/etc/metafleet:ro \
+#     -v /var/lib/metafleet/data:/data -v /etc/metafleet:/etc/metafleet:ro \
 #     metafleet-client --superlink fleet.example.org:9092 --client-id 7
 FROM --platform=linux/arm64 python:3.11-slim-bookworm
 

@@ -2,7 +2,7 @@
 #   docker build -f deploy/containers/client-jetson.Dockerfile -t metafleet-client-jetson .
 # Run with the NVIDIA runtime:
 #   docker run -d --runtime nvidia --restart unless-stopped --name metafleet-client \
-#     -v /var/lib/metafleet/data:/data:ro -v /etc/metafleet:/etc/metafleet:ro \
+#     -v /var/lib/metafleet/data:/data -v /etc/metafleet:/etc/metafleet:ro \
 #     metafleet-client-jetson --superlink fleet.example.org:9092 --client-id 7
 # PyTorch is NVIDIA's build for JetPack 6; metafleet is installed without letting pip replace it.
 FROM nvcr.io/nvidia/l4t-jetpack:r36.4.0
