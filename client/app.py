@@ -41,7 +41,7 @@ from metafleet.common.errors import DataError, MetafleetError
 from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel, check_update, global_norm
 from metafleet.common.privacy import clip_to_norm, clip_values, distributed_dp_share
-from metafleet.common.records import from_array_record, to_array_record
+from metafleet.common.records import KEEP_MODEL_ACTION, from_array_record, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR, MASK_GENERATOR_KEY, bind
 from metafleet.common.task import fingerprint
 from metafleet.common.training import client_personalization, client_train
@@ -57,7 +57,6 @@ LEGACY_PARAMS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"
 NODE_SECURE_AGGREGATION = "secure-aggregation"
 # A deployed device's own task (its copy of the task file, or a module), in place of the server's path.
 NODE_TASK = "task"
-KEEP_MODEL_ACTION = "keep_model"
 
 
 # The device's SecAgg+ masks come from metafleet's generator (metafleet.common.secure_masks), not Flower's.

@@ -10,6 +10,9 @@ from flwr.app import Array, ArrayRecord
 
 from metafleet.common.meta import Params
 
+# The query action that hands a device the run's final meta-model (message type "query.keep_model").
+KEEP_MODEL_ACTION = "keep_model"
+
 
 def to_array_record(params: Params) -> ArrayRecord:
     return ArrayRecord(OrderedDict((name, tensor.detach().contiguous()) for name, tensor in params.items()))

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from metafleet.common.config import SERVER_OPTION_DEFAULTS, RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.fleets import make_model
-from metafleet.common.records import to_array_record
+from metafleet.common.records import KEEP_MODEL_ACTION, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR
 from metafleet.common.task import fingerprint
 from metafleet.server.grid import MeteredGrid
@@ -188,7 +188,8 @@ def deliver_final_model(grid: Grid, strategy: MetaStrategy, timeout: float) -> i
     (``query.keep_model``); returns how many wrote both."""
     arrays = to_array_record(strategy.params)
     nodes = strategy.training_nodes + strategy.held_out_nodes
-    messages = [Message(RecordDict({"arrays": arrays}), node, f"{MessageType.QUERY}.keep_model") for node in nodes]
+    action = f"{MessageType.QUERY}.{KEEP_MODEL_ACTION}"
+    messages = [Message(RecordDict({"arrays": arrays}), node, action) for node in nodes]
     kept = 0
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
@@ -235,17 +236,15 @@ def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_secon
             log.warning("node %d could not say who it is and takes no part: %s", node, short_reason(reply.error.reason))
             continue
         info = reply.content["info"]
-        masks = info.get("mask-generator")
+        masks, theirs = info.get("mask-generator"), info.get("fingerprint")
+        reason = None
         if strategy.config.secure_aggregation and masks != MASK_GENERATOR:
             reason = (f"its SecAgg+ masks come from {masks or FLOWER_GENERATOR}, the server's from {MASK_GENERATOR}: "
                       "they would not cancel, so it takes no part in this secure run")
-            log.warning("node %d (client %s) refused: %s", node, info.get("client-id"), reason)
-            strategy.rejections.append(Rejection(0, node, reason))
-            continue
-        theirs = info.get("fingerprint")
-        if model_fingerprint is not None and theirs != model_fingerprint:
+        elif model_fingerprint is not None and theirs != model_fingerprint:
             reason = (f"its model (task {info.get('task')!r}, fingerprint {theirs}) differs from the server's "
                       f"(fingerprint {model_fingerprint}): it runs another task or model, and takes no part")
+        if reason is not None:
             log.warning("node %d (client %s) refused: %s", node, info.get("client-id"), reason)
             strategy.rejections.append(Rejection(0, node, reason))
             continue
