@@ -60,9 +60,10 @@ NODE_TASK = "task"
 
 
 # The device's SecAgg+ masks come from metafleet's generator (metafleet.common.secure_masks), not Flower's.
-# Its masked vector travels as 32-bit words where the modulus allows (half of Flower's int64 upload).
+# Its masked vector travels as 32-bit words where the modulus allows (half of Flower's int64 upload), and its
+# pairwise secret key is Shamir-shared as a raw scalar (a fifth of Flower's PEM's chunks).
 bind(importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
-     ("pseudo_rand_gen", "ndarray_to_bytes", "create_shares", "bytes_to_private_key"))
+     ("pseudo_rand_gen", "ndarray_to_bytes", "create_shares", "bytes_to_private_key", "private_key_to_bytes"))
 
 
 class AggregationModeError(MetafleetError):

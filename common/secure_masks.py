@@ -16,22 +16,33 @@ is not Flower 1.42's (a Flower that changed under metafleet, tests/test_secure_m
 ``MASK_GENERATOR``: a device at discovery (the server refuses another) and the server in the protocol's
 setup stage (``MASK_GENERATOR_KEY``; a device refuses another): masks from two generators would not cancel,
 and the sum would be garbage.
+
+The name is the protocol's version. v2 also shares each device's pairwise secret key as its raw 48-byte
+P-384 scalar (``private_key_to_scalar_bytes``) where Flower shares its 306-byte PEM, and splits secrets
+without a padding block: the same key and seed, but five 16-byte Shamir chunks a device instead of 23,
+every round on every device and on the server for every dropout; and the server reconstructs each secret
+from exactly the threshold's number of shares, as pycryptodome's ``Shamir.combine`` asks ("pass exactly as
+many shares as they are required, and no more"), where Flower passes every share it received. Shares,
+threshold, curve and stages are Flower's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-MASK_GENERATOR = "metafleet-hkdf-sha256-chacha20-v1"
+MASK_GENERATOR = "metafleet-secagg-v2 (HKDF-SHA256/ChaCha20 masks, raw-scalar key shares)"
 MASK_GENERATOR_KEY = "metafleet-mask-generator"
 FLOWER_GENERATOR = "Flower's own (numpy's Mersenne Twister seeded with 32 bits of the seed)"
 FLOWER_MODULE = "flwr.common.secure_aggregation.secaggplus_utils"
@@ -99,44 +110,78 @@ def widen_masked_words(data: bytes) -> np.ndarray:
 
 
 def create_shares_serially(secret: bytes, threshold: int, num: int) -> list[bytes]:
-    """Flower's ``create_shares`` (the same pycryptodome Shamir splits, the same share format) without the
-    thread pool it starts for every call: for a 32-byte secret (three chunks) starting the pool cost more
-    than the sharing, twice per device and round."""
+    """Flower's ``create_shares`` (pycryptodome's Shamir splits, Flower's share format: a 4-byte index, then a
+    16-byte share per chunk) without the thread pool Flower starts for every call, and without the padding
+    block: both secrets SecAgg+ shares (the 32-byte mask seed, the 48-byte key scalar) fill whole chunks, and
+    PKCS#7 padding added a fourth of the Shamir work. Any other length is refused."""
     from Crypto.Protocol.SecretSharing import Shamir
-    from Crypto.Util.Padding import pad
 
-    padded = pad(secret, 16)
+    if not secret or len(secret) % 16:
+        raise ValueError(f"metafleet's SecAgg+ shares whole 16-byte chunks; got a {len(secret)}-byte secret")
     shares = [bytearray(index.to_bytes(4, "little", signed=False)) for index in range(1, num + 1)]
-    for start in range(0, len(padded), 16):
-        for index, share in Shamir.split(threshold, num, padded[start:start + 16], ssss=False):
+    for start in range(0, len(secret), 16):
+        for index, share in Shamir.split(threshold, num, secret[start:start + 16], ssss=False):
             shares[index - 1] += share
     return [bytes(share) for share in shares]
 
 
-def combine_shares_serially(share_list: list[bytes]) -> bytes:
-    """Flower's ``combine_shares`` without its thread pool (the server calls it for every device a round)."""
-    from Crypto.Protocol.SecretSharing import Shamir
-    from Crypto.Util.Padding import unpad
+_RECONSTRUCTION_THRESHOLD: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "metafleet_reconstruction_threshold", default=None)
 
-    chunks = (len(share_list[0]) - 4) >> 4
-    indexed = [(int.from_bytes(share[:4], "little", signed=False), share) for share in share_list]
-    padded = b"".join(
-        Shamir.combine([(index, share[4 + 16 * chunk:20 + 16 * chunk]) for index, share in indexed], ssss=False)
-        for chunk in range(chunks))
+
+@contextlib.contextmanager
+def reconstruction_threshold(threshold: int) -> Iterator[None]:
+    """While the server's SecAgg+ workflow runs, reconstruct every secret from ``threshold`` shares (the
+    workflow itself refuses fewer): Lagrange interpolation's cost grows with the number of shares passed."""
+    token = _RECONSTRUCTION_THRESHOLD.set(threshold)
     try:
-        return unpad(padded, 16)
-    except ValueError:
-        raise ValueError("Failed to combine shares") from None
+        yield
+    finally:
+        _RECONSTRUCTION_THRESHOLD.reset(token)
+
+
+def combine_shares_serially(share_list: list[bytes]) -> bytes:
+    """Flower's ``combine_shares`` without its thread pool (the server calls it for every device a round),
+    from the threshold's number of shares where the server set it (``reconstruction_threshold``)."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    threshold = _RECONSTRUCTION_THRESHOLD.get()
+    if threshold is not None:
+        share_list = share_list[:threshold]
+    lengths = {len(share) for share in share_list}
+    if len(lengths) != 1 or (length := lengths.pop()) < 20 or (length - 4) % 16:
+        raise ValueError("Failed to combine shares: they are not whole 16-byte chunks of one secret")
+    indexed = [(int.from_bytes(share[:4], "little", signed=False), share) for share in share_list]
+    return b"".join(
+        Shamir.combine([(index, share[4 + 16 * chunk:20 + 16 * chunk]) for index, share in indexed], ssss=False)
+        for chunk in range((length - 4) >> 4))
+
+
+_CURVE = ec.SECP384R1()  # Flower 1.42's generate_key_pairs (pinned in tests/test_secure_masks.py)
+_SCALAR_BYTES = (_CURVE.key_size + 7) // 8
+_PEM_START = b"-----BEGIN"
+
+
+def private_key_to_scalar_bytes(private_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The device's secret keys as their raw scalar (48 bytes on P-384), not Flower's PEM (306 bytes): the
+    pairwise key is Shamir-shared every round, and its size sets the number of shared chunks."""
+    if private_key.curve.name != _CURVE.name:
+        raise ValueError(f"SecAgg+ keys are expected on {_CURVE.name}, got {private_key.curve.name}")
+    return private_key.private_numbers().private_value.to_bytes(_SCALAR_BYTES, "big")
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_private_key(private_key_bytes: bytes) -> Any:
-    return _FLOWERS["bytes_to_private_key"](private_key_bytes)
+    if private_key_bytes.startswith(_PEM_START):
+        return _FLOWERS["bytes_to_private_key"](private_key_bytes)
+    if len(private_key_bytes) != _SCALAR_BYTES:
+        raise ValueError(f"a SecAgg+ secret key is {_SCALAR_BYTES} bytes, got {len(private_key_bytes)}")
+    return ec.derive_private_key(int.from_bytes(private_key_bytes, "big"), _CURVE)
 
 
 def bytes_to_private_key_once(private_key_bytes: bytes) -> Any:
-    """Flower's ``bytes_to_private_key``, parsed once per key: SecAgg+ parses a device's own secret key again
-    for every neighbour (PEM parsing was a tenth of a secure round)."""
+    """Flower's ``bytes_to_private_key`` for both encodings (a raw scalar, Flower's PEM), parsed once per key:
+    SecAgg+ parses a device's own secret key again for every neighbour (PEM parsing was a tenth of a round)."""
     return _cached_private_key(bytes(private_key_bytes))
 
 
@@ -151,6 +196,8 @@ _REPLACEMENTS = {
     "combine_shares": (combine_shares_serially, "flwr.common.secure_aggregation.crypto.shamir", ["share_list"]),
     "bytes_to_private_key": (bytes_to_private_key_once, "flwr.supercore.primitives.asymmetric",
                              ["private_key_bytes"]),
+    "private_key_to_bytes": (private_key_to_scalar_bytes, "flwr.supercore.primitives.asymmetric",
+                             ["private_key"]),
 }
 
 

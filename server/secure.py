@@ -40,13 +40,14 @@ from flwr.serverapp import Grid
 from metafleet.common.config import SECAGG_QUANTIZATION_RANGE
 from metafleet.common.meta import Params, check_update
 from metafleet.common.records import to_array_record
-from metafleet.common.secure_masks import MASK_GENERATOR, MASK_GENERATOR_KEY, bind
+from metafleet.common.secure_masks import MASK_GENERATOR, MASK_GENERATOR_KEY, bind, reconstruction_threshold
 from metafleet.server.grid import MeteredGrid
 from metafleet.server.strategy import MetaStrategy
 
 log = logging.getLogger("metafleet.server")
 # The server unmasks with metafleet's mask generator (metafleet.common.secure_masks), as the devices mask.
-# and widens the devices' 32-bit masked words back to int64 before summing them.
+# and widens the devices' 32-bit masked words back to int64 before summing them; it reads a dropped device's
+# secret key from its raw scalar and reconstructs each secret from the threshold's number of shares.
 bind(secaggplus_workflow, ("pseudo_rand_gen", "bytes_to_ndarray", "combine_shares", "bytes_to_private_key"))
 
 # What the legacy workflow reads from its context's state: the round number and θ.
@@ -93,7 +94,7 @@ class SecureAggregation:
         self.legacy.state.array_records[_PARAMS_RECORD] = to_array_record(self.strategy.params)
         self.adapter.begin(grid, server_round)
         grid.take_errors()  # earlier rounds' and evaluations' errors are not this round's
-        with _quiet_flower():
+        with _quiet_flower(), reconstruction_threshold(threshold):
             try:
                 workflow(_AgreedMasks(grid), self.legacy)
             except Exception as error:  # noqa: BLE001 - a malformed reply must cost one round, not the run

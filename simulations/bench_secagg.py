@@ -1,6 +1,7 @@
 """Benchmark: the cost of secure aggregation (SecAgg+) against the plain path, and its error.
 
     python -m metafleet.simulations.bench_secagg --out bench-out/secagg [--clients 10,50,100] [--rounds 3]
+        [--simulation-rounds 8] [--simulation-devices 0,50]
 
 For each model (the smartwatch 1D-CNN, the Omniglot conv net) and each number of clients per round, runs
 training rounds through Flower's real SecAgg+ workflow and the real ClientApp with its ``secaggplus_mod``,
@@ -90,15 +91,39 @@ def run_case(model: str, clients: int, secure: bool, rounds: int) -> dict:
     }
 
 
-def simulation_case(model: str, secure: bool, rounds: int, out: Path) -> dict:
+def replicated_fleet(model: str, devices: int, held_out: int, folder: Path) -> list[str]:
+    """A folder fleet of ``devices`` training devices, device i holding the data of the built-in data set's
+    training client i mod n (the protocol's cost depends on the number of devices and the model, not on
+    whose data they hold), and ``held_out`` devices from its held-out clients; returns the held-out names."""
+    from metafleet.common.device_data import save_device_data
+
+    config = RunConfig.resolve(**MODELS[model])
+    fleet = make_fleet(config)
+    training, held = split_clients(config)
+    if folder.exists() and len(list(folder.iterdir())) == devices + held_out:
+        return [f"held-out-{i:03d}" for i in range(held_out)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(devices):
+        save_device_data(folder / f"device-{i:03d}", config.dataset, fleet.client(training[i % len(training)]))
+    for i in range(held_out):
+        save_device_data(folder / f"held-out-{i:03d}", config.dataset, fleet.client(held[i % len(held)]))
+    return [f"held-out-{i:03d}" for i in range(held_out)]
+
+
+def simulation_case(model: str, secure: bool, rounds: int, out: Path, devices: int = 0) -> dict:
     """The same comparison on Flower's Simulation Engine (Ray, the real message path with its 0.1 s
-    polling) with every training client of the data set in every round."""
+    polling): every training client of the data set in every round, or (``devices``) a replicated folder
+    fleet of that many training devices."""
     from metafleet.simulations.cli import simulate
 
     base = RunConfig.resolve(**MODELS[model])
+    if devices:
+        fleet = out / f"fleet-{model}-{devices}"
+        held_out = replicated_fleet(model, devices, 2, fleet)
+        base = RunConfig.resolve(**MODELS[model], data=str(fleet), held_out_devices=",".join(held_out))
     config = base.replace(clients_per_round=base.training_clients, rounds=rounds, eval_every=rounds,
                           secure_aggregation=secure, min_replies=2)
-    run_dir = out / f"sim-{model}-{'secure' if secure else 'plain'}"
+    run_dir = out / f"sim-{model}-{devices or 'all'}-{'secure' if secure else 'plain'}"
     summary = simulate(config, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [row for row in rows if row["phase"] == "train"]
@@ -137,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--simulation-rounds", type=int, default=8,
                         help="rounds of the Ray simulation comparison (0: skip it)")
+    parser.add_argument("--simulation-devices", default="0",
+                        help="devices a round in the Ray comparison, comma-separated; 0: the data set's training "
+                             "clients, N: a folder fleet of N devices replicating them")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,9 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         print("\nFlower Simulation Engine (Ray), every training client each round:")
         print(f"{'model':9} {'clients':>7} {'plain s':>8} {'secure s':>9} {'ratio':>6} {'up plain':>10} "
               f"{'up secure':>10}")
-        for model in args.models.split(","):
-            plain = simulation_case(model, False, args.simulation_rounds, args.out)
-            secure = simulation_case(model, True, args.simulation_rounds, args.out)
+        cases = [(model, int(devices)) for model in args.models.split(",")
+                 for devices in args.simulation_devices.split(",")]
+        for model, devices in cases:
+            plain = simulation_case(model, False, args.simulation_rounds, args.out, devices)
+            secure = simulation_case(model, True, args.simulation_rounds, args.out, devices)
             ratio = secure["round_seconds_median"] / plain["round_seconds_median"]
             simulation_rows.append({"plain": plain, "secure": secure, "ratio": ratio})
             print(f"{model:9} {plain['clients']:>7} {plain['round_seconds_median']:>8.2f} "

@@ -133,16 +133,61 @@ def test_masked_vectors_travel_as_32_bit_words_and_the_sum_stays_exact():
     assert (_flat(mean) - _flat(expected)).abs().max().item() < STEP
 
 
-def test_shares_made_without_flowers_thread_pool_are_flowers_format_both_ways():
+def test_shares_keep_flowers_format_without_the_padding_block_and_any_threshold_of_them_recovers_the_secret():
     import os
 
     from flwr.common.secure_aggregation.crypto import shamir
 
     from metafleet.common.secure_masks import combine_shares_serially, create_shares_serially
 
+    for secret in (os.urandom(32), os.urandom(48)):  # the mask seed, a P-384 key scalar
+        ours, flowers = create_shares_serially(secret, 3, 5), shamir.create_shares(secret, 3, 5)
+        assert [share[:4] for share in ours] == [share[:4] for share in flowers]  # the same indices
+        assert [len(share) for share in ours] == [4 + len(secret)] * 5  # Flower's pad added a whole chunk
+        assert [len(share) for share in flowers] == [4 + len(secret) + 16] * 5
+        assert combine_shares_serially(ours[1:4]) == secret == combine_shares_serially([ours[4], ours[0], ours[2]])
+    with pytest.raises(ValueError, match="whole 16-byte chunks"):
+        create_shares_serially(b"not a multiple of sixteen", 3, 5)
+    with pytest.raises(ValueError, match="Failed to combine shares"):
+        combine_shares_serially([ours[0], ours[1][:-1], ours[2]])
+
+
+def test_the_server_reconstructs_from_exactly_the_threshold_of_shares():
+    import os
+
+    from metafleet.common.secure_masks import combine_shares_serially, create_shares_serially, reconstruction_threshold
+
     secret = os.urandom(32)
-    ours, flowers = create_shares_serially(secret, 3, 5), shamir.create_shares(secret, 3, 5)
-    assert [len(share) for share in ours] == [len(share) for share in flowers]
-    assert [share[:4] for share in ours] == [share[:4] for share in flowers]  # the same indices
-    assert shamir.combine_shares(ours[1:4]) == secret == combine_shares_serially(flowers[::2])
-    assert combine_shares_serially([ours[4], ours[0], ours[2]]) == secret
+    shares = create_shares_serially(secret, 3, 6)
+    # A sixth share that does not lie on the polynomial: interpolating through every share, as Flower's
+    # combine does, gives garbage; the threshold's first three alone give the secret (and cost less).
+    shares[5] = shares[5][:4] + bytes(32)
+    assert combine_shares_serially(shares) != secret
+    with reconstruction_threshold(3):
+        assert combine_shares_serially(shares) == secret
+    assert combine_shares_serially(shares) != secret  # the setting ends with the block
+
+
+def test_secret_keys_are_shared_as_their_raw_scalar_and_read_back_in_either_encoding():
+    import sys
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives import asymmetric
+
+    from metafleet.common.secure_masks import bytes_to_private_key_once, private_key_to_scalar_bytes
+
+    secaggplus_mod = sys.modules["flwr.client.mod.secure_aggregation.secaggplus_mod"]
+    assert secaggplus_mod.private_key_to_bytes is private_key_to_scalar_bytes
+    # Pinned: the curve Flower's SecAgg+ draws its keys on (the scalar's length depends on it).
+    private_key, _ = asymmetric.generate_key_pairs()
+    assert private_key.curve.name == "secp384r1"
+    raw = private_key_to_scalar_bytes(private_key)
+    assert len(raw) == 48
+    value = private_key.private_numbers().private_value
+    assert bytes_to_private_key_once(raw).private_numbers().private_value == value
+    pem = asymmetric.private_key_to_bytes(private_key)
+    assert len(pem) > 300 and bytes_to_private_key_once(pem).private_numbers().private_value == value
+    with pytest.raises(ValueError, match="48 bytes"):
+        bytes_to_private_key_once(raw[:-1])
+    with pytest.raises(ValueError, match="secp384r1"):
+        private_key_to_scalar_bytes(ec.generate_private_key(ec.SECP256R1()))
