@@ -21,7 +21,7 @@ from metafleet.common.tasks import BUILTIN_TASKS
 # Run-config keys for the server process only (where to write, whether to resume, whether devices get the
 # final model), with their defaults; devices ignore them.
 SERVER_OPTION_DEFAULTS = {"out-dir": "", "resume": False, "node-wait-seconds": 120.0, "round-timeout": 600.0,
-                          "deliver-models": False}
+                          "deliver-models": False, "reply-poll-seconds": 0.0}
 
 # FedAvg keeps its classical server (SGD with step 1 on θ − θ', i.e. model averaging). The meta methods
 # use Adam on the server: their pseudo-gradients (Reptile's θ − θ' after a few small steps, or query

@@ -104,7 +104,7 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDirectory, options: dict[s
         run_dir.truncate_metrics_after(int(state["round"]))
         log.info("resuming %s from round %d of %d", run_dir.path, start_round, config.rounds)
 
-    grid = MeteredGrid(grid)
+    grid = MeteredGrid(grid, float(options["reply-poll-seconds"]))
     secure = None
     if config.secure_aggregation:
         secure = SecureAggregation(strategy, grid.run.run_id, options["round-timeout"])

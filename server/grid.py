@@ -2,10 +2,15 @@
 
 Both aggregation paths send through it, so bytes_up / bytes_down compare plain and secure rounds (SecAgg+'s
 key exchange included), and a secure round that halts can still say which node failed and why.
+
+With ``reply_poll_seconds`` it also waits for replies itself, through the Grid's public ``push_messages`` and
+``pull_messages``: Flower 1.42's deployed grid (``flwr.superlink.grid.http_grid``) sleeps a hard-coded 3 s
+between pulls, so every exchange took a multiple of 3 s, and a SecAgg+ round has four.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from flwr.app import Message
@@ -21,8 +26,9 @@ def content_bytes(message: Message) -> int:
 
 
 class MeteredGrid(Grid):
-    def __init__(self, grid: Grid):
+    def __init__(self, grid: Grid, reply_poll_seconds: float = 0.0):
         self._grid = grid
+        self.reply_poll_seconds = reply_poll_seconds  # 0: the grid's own send_and_receive
         self.bytes_down = 0
         self.bytes_up = 0
         self.errors: list[tuple[int, str]] = []
@@ -30,12 +36,31 @@ class MeteredGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self.bytes_down += sum(content_bytes(m) for m in messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if self.reply_poll_seconds > 0:
+            replies = self._push_and_poll(messages, timeout)
+        else:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if reply.has_error():
                 self.errors.append((reply.metadata.src_node_id, short_reason(reply.error.reason)))
             else:
                 self.bytes_up += content_bytes(reply)
+        return replies
+
+    def _push_and_poll(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's send_and_receive (push, then pull until every reply is in or the timeout passes; no
+        timeout waits for all), polling every ``reply_poll_seconds``."""
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            pulled = list(self._grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            pause = self.reply_poll_seconds
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
         return replies
 
     def take_bytes(self) -> tuple[int, int]:

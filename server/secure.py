@@ -11,6 +11,7 @@ path calls. Individual updates never reach the MetaStrategy, only the mean does.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -94,13 +95,19 @@ class SecureAggregation:
         self.legacy.state.array_records[_PARAMS_RECORD] = to_array_record(self.strategy.params)
         self.adapter.begin(grid, server_round)
         grid.take_errors()  # earlier rounds' and evaluations' errors are not this round's
+        stage_seconds: dict[str, float] = {}
+        started = time.perf_counter()
         with _quiet_flower(), reconstruction_threshold(threshold):
             try:
-                workflow(_AgreedMasks(grid), self.legacy)
+                workflow(_AgreedMasks(grid, stage_seconds), self.legacy)
             except Exception as error:  # noqa: BLE001 - a malformed reply must cost one round, not the run
                 self.adapter.outcome = f"failed ({type(error).__name__}: {error})"
         node_errors = dict(grid.take_errors())
         stats = self.strategy.last_round
+        # Where the round's time went: each stage's exchange with the devices (their work and the transport's
+        # waits), and the server's own work between them (unmasking, aggregation).
+        stats.metrics.update(stage_seconds)
+        stats.metrics["secagg-server-seconds"] = round(time.perf_counter() - started - sum(stage_seconds.values()), 4)
         for node in stats.sampled_nodes:
             if node not in self.adapter.contributors:
                 reason = node_errors.get(node, "dropped out of secure aggregation (no reply before the timeout)")
@@ -120,15 +127,23 @@ class _AgreedMasks(Grid):
     announce theirs at discovery, where the server refuses a mismatch: Flower 1.42's workflow fails the whole
     round when a device drops out at the setup stage, KeyError in the unmask stage, docs/FLOWER-NOTES.md.)"""
 
-    def __init__(self, grid: MeteredGrid):
+    def __init__(self, grid: MeteredGrid, stage_seconds: dict[str, float]):
         self._grid = grid
+        self._stage_seconds = stage_seconds  # each stage's exchange, for metrics.jsonl: where a round's time goes
 
     def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201 - Flower's Grid signature
         messages = list(messages)
         for message in messages:
             if _stage(message) == Stage.SETUP:
                 message.content.config_records[RECORD_KEY_CONFIGS][MASK_GENERATOR_KEY] = MASK_GENERATOR
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        started = time.perf_counter()
+        try:
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        finally:
+            stage = _stage(messages[0]) if messages else None
+            if stage is not None:
+                key = f"secagg-{str(stage).replace('_', '-')}-seconds"
+                self._stage_seconds[key] = round(time.perf_counter() - started, 4)
 
     # The rest of Grid, delegated.
     def set_run(self, run) -> None:  # noqa: ANN001

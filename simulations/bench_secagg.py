@@ -1,7 +1,7 @@
 """Benchmark: the cost of secure aggregation (SecAgg+) against the plain path, and its error.
 
     python -m metafleet.simulations.bench_secagg --out bench-out/secagg [--clients 10,50,100] [--rounds 3]
-        [--simulation-rounds 8] [--simulation-devices 0,50]
+        [--simulation-rounds 8] [--simulation-devices 0,50] [--deployed-rounds 6]
 
 For each model (the smartwatch 1D-CNN, the Omniglot conv net) and each number of clients per round, runs
 training rounds through Flower's real SecAgg+ workflow and the real ClientApp with its ``secaggplus_mod``,
@@ -22,7 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,6 +140,75 @@ def simulation_case(model: str, secure: bool, rounds: int, out: Path, devices: i
         "bytes_down_per_client": statistics.median(
             row["bytes-down"] / config.clients_per_round for row in train[1:-1]),
         "rounds_skipped": summary["rounds_skipped"],
+        "stage_seconds_median": {key: statistics.median(row[key] for row in train[1:-1]) for key in sorted(
+            {key for row in train[1:-1] for key in row if key.startswith("secagg-") and key.endswith("-seconds")})},
+    }
+
+
+DEPLOYED_DEVICES = 4  # three train every round (SecAgg+ needs three), one held out
+
+
+def deployed_case(secure: bool, rounds: int, work: Path, reply_poll_seconds: float, timeout: float = 900.0) -> dict:
+    """A real fleet on 127.0.0.1 over TLS with device keys (``metafleet server`` and four ``metafleet
+    client`` devices on the watch data, as tests/test_deployment.py), plain or secure; each training round's
+    time and, for a secure round, each stage's exchange and the server's own work (from metrics.jsonl).
+    ``reply_poll_seconds`` 0 is Flower's own wait for replies (3 s between pulls)."""
+    from metafleet.common.device_data import save_device_data
+    from metafleet.server.certs import make_certificates
+    from metafleet.simulations.bench_client import QUIET, free_port, processes_with, stop
+
+    if not (work / "certs").is_dir():
+        make_certificates(work / "certs", [], [f"dev{i}" for i in range(DEPLOYED_DEVICES)])
+        fleet = make_fleet(RunConfig.resolve(dataset="watch"))
+        for client in range(DEPLOYED_DEVICES):
+            save_device_data(work / f"data{client}", "watch", fleet.client(client))
+    folder = work / f"{'secure' if secure else 'plain'}-poll-{reply_poll_seconds}"
+    folder.mkdir()
+    port, env = free_port(), {**os.environ, **QUIET}
+    metafleet = [sys.executable, "-m", "metafleet.common.cli"]
+
+    def start(args: list[str], log: str) -> subprocess.Popen:
+        return subprocess.Popen([*metafleet, *args], env=env, stdout=(folder / log).open("wb"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    server = start(["server", "--certs", str(work / "certs"), "--host", "127.0.0.1", "--port", str(port),
+                    "--out", str(folder / "run"), "--dataset", "watch", "--algorithm", "reptile",
+                    "--clients", str(DEPLOYED_DEVICES), "--held-out-clients", "1",
+                    "--clients-per-round", str(DEPLOYED_DEVICES - 1), "--rounds", str(rounds),
+                    "--eval-every", str(rounds), "--node-wait-seconds", "90", "--round-timeout", "120",
+                    "--reply-poll-seconds", str(reply_poll_seconds),
+                    *(["--secure-aggregation"] if secure else [])], "server.log")
+    processes = [server]
+    started = time.monotonic()
+    try:
+        while "listening on" not in (folder / "server.log").read_text(errors="replace"):
+            if server.poll() is not None or time.monotonic() - started > 90:
+                raise RuntimeError(f"the server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        for index in range(DEPLOYED_DEVICES):
+            processes.append(start([
+                "client", "--superlink", f"127.0.0.1:{port}", "--data", str(work / f"data{index}"),
+                "--root-cert", str(work / "certs" / "ca.pem"),
+                "--key", str(work / "certs" / "devices" / f"dev{index}.key"),
+                "--client-id", str(index), "--role", "held-out" if index == DEPLOYED_DEVICES - 1 else "train",
+                "--local-port", str(free_port())], f"device{index}.log"))
+        code = server.wait(timeout=timeout)
+    finally:
+        stop(list(reversed(processes)))
+    if code != 0:
+        raise RuntimeError(f"the server exited with {code}: {(folder / 'server.log').read_text()[-2000:]}")
+    rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if row["phase"] == "train"]
+    steady = train[:-1]  # the last round also evaluates the held-out device
+    stages = sorted({key for row in steady for key in row if key.startswith("secagg-") and key.endswith("-seconds")})
+    return {
+        "secure": secure, "reply_poll_seconds": reply_poll_seconds, "rounds": rounds,
+        "devices_per_round": DEPLOYED_DEVICES - 1,
+        "round_seconds_median": statistics.median(row["seconds"] for row in steady),
+        "round_seconds": [row["seconds"] for row in train],
+        "stage_seconds_median": {key: statistics.median(row[key] for row in steady) for key in stages},
+        "bytes_up_per_client": statistics.median(row["bytes-up"] / (DEPLOYED_DEVICES - 1) for row in steady),
+        "left_running": processes_with(f"127.0.0.1:{port}"),
     }
 
 
@@ -162,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--simulation-rounds", type=int, default=8,
                         help="rounds of the Ray simulation comparison (0: skip it)")
+    parser.add_argument("--deployed-rounds", type=int, default=0,
+                        help="rounds of a deployed comparison (real SuperLink and SuperNodes over TLS; 0: skip it)")
+    parser.add_argument("--deployed-reply-poll", default="0,0.2",
+                        help="the server's --reply-poll-seconds for the deployed comparison, comma-separated "
+                             "(0: Flower's own 3 s)")
     parser.add_argument("--simulation-devices", default="0",
                         help="devices a round in the Ray comparison, comma-separated; 0: the data set's training "
                              "clients, N: a folder fleet of N devices replicating them")
@@ -200,6 +278,22 @@ def main(argv: list[str] | None = None) -> None:
                   f"{secure['round_seconds_median']:>9.2f} {ratio:>6.2f} {plain['bytes_up_per_client']:>10.0f} "
                   f"{secure['bytes_up_per_client']:>10.0f}", flush=True)
             (args.out / "secagg.json").write_text(json.dumps({"rows": rows, "simulation": simulation_rows}, indent=1))
+    deployed_rows = []
+    if args.deployed_rounds:
+        print("\nDeployed (SuperLink and four SuperNodes on 127.0.0.1 over TLS, three devices a round):")
+        with tempfile.TemporaryDirectory(prefix="metafleet-secagg-deployed-") as work:
+            for poll in [float(p) for p in args.deployed_reply_poll.split(",")]:
+                pair = [deployed_case(secure, args.deployed_rounds, Path(work), poll) for secure in (False, True)]
+                for row in pair:
+                    stages = ", ".join(f"{key[7:-8]} {value:.2f}" for key, value in row["stage_seconds_median"].items())
+                    print(f"{'secure' if row['secure'] else 'plain':>7}, replies pulled every "
+                          f"{poll or 3.0:g} s: {row['round_seconds_median']:.2f} s a round"
+                          f"{' (' + stages + ')' if stages else ''}, {row['bytes_up_per_client']:.0f} B up a device",
+                          flush=True)
+                deployed_rows.append({"plain": pair[0], "secure": pair[1],
+                                      "ratio": pair[1]["round_seconds_median"] / pair[0]["round_seconds_median"]})
+        (args.out / "secagg.json").write_text(json.dumps(
+            {"rows": rows, "simulation": simulation_rows, "deployed": deployed_rows}, indent=1))
     print(f"wrote {args.out / 'secagg.json'}")
 
 

@@ -18,6 +18,7 @@ from metafleet.server.report import print_summary
 from metafleet.server.rundir import start_or_resume
 
 BACKENDS = ("ray", "inprocess")
+RAY_REPLY_POLL_SECONDS = 0.02  # the in-memory LinkState answers a pull in microseconds
 
 
 def simulate_parser() -> argparse.ArgumentParser:
@@ -88,6 +89,9 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
         held_out = ", ".join(devices.device_name(i) for i in split_clients(config)[1])
         print(f"metafleet: held out: {held_out}", file=sys.stderr)
     run_config = {**config.to_run_config(), "out-dir": str(out.resolve()), "resume": resume}
+    if backend == "ray":
+        # Flower's in-memory grid pulls replies every 0.1 s; a SecAgg+ round waits on four exchanges.
+        run_config["reply-poll-seconds"] = RAY_REPLY_POLL_SECONDS
     source = f"the fleet in {config.data}" if config.data else "its own data"
     print(f"metafleet: simulating {config.clients} clients ({config.held_out_clients} held out), "
           f"{config.algorithm} on task {config.dataset} with {source}, {config.rounds} rounds ({backend}) -> {out}",

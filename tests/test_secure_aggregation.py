@@ -94,6 +94,12 @@ def test_only_the_aggregate_reaches_the_strategy_and_it_is_the_plaintext_mean():
     assert relative < 1e-4
     # θ moved by exactly that aggregate (outer SGD, step 1, θ ← θ − ū with ū = θ − θ'): the meta-update ran once.
     assert (_flat(theta) - _flat(fleet.strategy.params) - _flat(mean)).abs().max().item() < 1e-6
+    # Where the round's time went, for metrics.jsonl: each stage's exchange and the server's own work.
+    timing = {key: value for key, value in fleet.strategy.last_round.metrics.items() if key.startswith("secagg-") and key.endswith("-seconds")}
+    assert set(timing) == {"secagg-setup-seconds", "secagg-share-keys-seconds",
+                           "secagg-collect-masked-vectors-seconds", "secagg-unmask-seconds", "secagg-server-seconds"}
+    assert all(value >= 0 for value in timing.values())
+    assert timing["secagg-collect-masked-vectors-seconds"] > timing["secagg-setup-seconds"]  # the devices train
 
     # Everything the devices sent: no array in it is any device's update, or close to one.
     sent_vectors = []
