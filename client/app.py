@@ -21,25 +21,28 @@ import logging
 import os
 import secrets
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from metafleet.common.compression import encode
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
 from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
 from metafleet.common.fleets import functional_model, make_fleet, split_clients
-from metafleet.common.meta import FunctionalModel, check_update, global_norm
+from metafleet.common.meta import FunctionalModel, Params, check_update, global_norm
 from metafleet.common.privacy import clip_to_norm, clip_values, distributed_dp_share
 from metafleet.common.records import KEEP_MODEL_ACTION, from_array_record, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR, MASK_GENERATOR_KEY, bind
@@ -57,6 +60,8 @@ LEGACY_PARAMS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"
 NODE_SECURE_AGGREGATION = "secure-aggregation"
 # A deployed device's own task (its copy of the task file, or a module), in place of the server's path.
 NODE_TASK = "task"
+# Where a device keeps what top-k compression left out of its last update (error feedback).
+RESIDUAL_RECORD = "metafleet-topk-residual"
 
 
 # The device's SecAgg+ masks come from metafleet's generator (metafleet.common.secure_masks), not Flower's.
@@ -266,8 +271,20 @@ def keep_model(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return train_reply(msg, context, Device(context))
+
+
+# What a simulated attacker changes (metafleet.simulations.attacks): the data it trains on, and what it does
+# to its update before sending. Only Python code in the simulation's process reaches these; no node config,
+# run config or flag of a device does.
+Tamper = Callable[[Params], Params]
+
+
+def train_reply(msg: Message, context: Context, device: Device, data: ClientData | None = None,
+                tamper: Tamper | None = None) -> Message:
+    """The train handler's work: the local update from the received θ, checked, clipped where the run says
+    so, compressed where it says so (plain path), and packed for the plain or the secure (SecAgg+) path."""
     start = time.perf_counter()
-    device = Device(context)
     if device.held_out:
         raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
     secure = LEGACY_PARAMS in msg.content.array_records
@@ -279,7 +296,7 @@ def train(msg: Message, context: Context) -> Message:
     params = device.received_params(msg)
     server_round = int(msg.content[LEGACY_CONFIG if secure else "config"]["server-round"])
     rng = np.random.default_rng([device.config.seed, server_round, device.client_id])
-    update = client_train(device.fmodel, device.on_device(params), device.data, device.config, rng)
+    update = client_train(device.fmodel, device.on_device(params), data or device.data, device.config, rng)
     # A warning: flwr-clientapp configures no logging for metafleet, so an info line would never show.
     log.warning("client %d: train took %.2f s", device.client_id, time.perf_counter() - start)
     # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum
@@ -289,6 +306,11 @@ def train(msg: Message, context: Context) -> Message:
     if device.config.differential_privacy:
         pseudo_grad, _ = clip_to_norm(pseudo_grad, device.config.dp_clip_norm)
         weight = 1
+    bound = device.config.defense_definition.device_bound
+    if bound is not None:
+        pseudo_grad, _ = clip_to_norm(pseudo_grad, bound)
+    if tamper is not None:
+        pseudo_grad = tamper(pseudo_grad)
     if device.config.distributed_dp and secure:
         # The device's share of the noise, from the OS's random source (never the run's seed, which the server
         # knows), on SecAgg+'s lattice so that masking and unmasking add no rounding of their own.
@@ -297,7 +319,8 @@ def train(msg: Message, context: Context) -> Message:
             device.config.secagg_step, np.random.default_rng(secrets.randbits(128)))
     if not secure:
         metrics = MetricRecord({"num-examples": weight, **update.metrics})
-        return Message(RecordDict({"arrays": to_array_record(pseudo_grad), "metrics": metrics}), reply_to=msg)
+        arrays = _compressed(pseudo_grad, device.config, context, server_round, device.client_id)
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
     norm = global_norm(pseudo_grad)
     if norm > device.config.max_update_norm:
         # The plain server drops such a reply; the secure one cannot see it, so the device checks.
@@ -312,6 +335,25 @@ def train(msg: Message, context: Context) -> Message:
         int(weight), {"secagg-clamped": clamped},
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _compressed(update: Params, config: RunConfig, context: Context, server_round: int, client_id: int) -> ArrayRecord:
+    """The reply's arrays: the update itself, or its compressed payload. Top-k's residual (what it left out)
+    stays in the device's context and joins the next round's update (error feedback)."""
+    compression = config.compression
+    if not compression.active:
+        return to_array_record(update)
+    residual = None
+    if compression.kind == "topk" and RESIDUAL_RECORD in context.state.array_records:
+        kept = from_array_record(context.state.array_records[RESIDUAL_RECORD])
+        if set(kept) == set(update) and all(kept[name].shape == update[name].shape for name in update):
+            residual = kept
+    payload, residual = encode(update, compression, np.random.default_rng([config.seed, server_round, client_id, 8]),
+                               residual)
+    if residual is not None:
+        context.state.array_records[RESIDUAL_RECORD] = to_array_record(residual)
+    return ArrayRecord(OrderedDict((name, torch.from_numpy(np.ascontiguousarray(value)))
+                                   for name, value in payload.items()))
 
 
 @app.evaluate()

@@ -63,7 +63,23 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
                         help="who adds the noise: central (the server, to the mean it learnt: protects against "
                         "whoever sees the model) or distributed (each device a share before SecAgg+ masks: protects "
                         "against the server too; needs --secure-aggregation). Default central")
+    parser.add_argument("--defense", metavar="NAME",
+                        help="aggregation against poisoned devices: none (default), median, trimmed-mean[:B], "
+                        "krum[:F], multi-krum[:F] (plain path only), or norm-bound[:C] (devices clip to C; the only "
+                        "one with --secure-aggregation, where C is required)")
+    parser.add_argument("--compress", metavar="KIND",
+                        help="what devices send up: none (default), q8 (unbiased 8-bit) or topk:F (the largest "
+                        "fraction F of each tensor, the rest kept on the device for the next round); plain path only")
     parser.add_argument("--seed", type=int)
+
+
+def add_attack_arguments(parser: argparse.ArgumentParser) -> None:
+    """Simulation only: a real device has no switch that makes it attack."""
+    parser.add_argument("--attack", metavar="KIND",
+                        help="poisoned training devices: label-flip, sign-flip[:S] (default S 10), scale, noise or "
+                        "backdoor (metafleet.simulations.attacks)")
+    parser.add_argument("--attackers", type=float, metavar="FRACTION",
+                        help="the share of the training devices that attack from the first round")
 
 
 def config_from_arguments(args: argparse.Namespace) -> RunConfig:

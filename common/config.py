@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metafleet.common.compression import Compression
 from metafleet.common.errors import ConfigError
 from metafleet.common.meta import ALGORITHMS, HEAD_INITS
 from metafleet.common.optim import OUTER_OPTIMIZERS
+from metafleet.common.robust import Attack, Defense
 from metafleet.common.task import Task, load_task
 from metafleet.common.tasks import BUILTIN_TASKS
 
@@ -113,6 +115,15 @@ class RunConfig:
     # Which block of the seeded client permutation is held out: folds 0..clients//held_out_clients-1
     # together hold out every client once (leave-clients-out cross-validation).
     fold: int = 0
+    # Poisoned devices, in simulation only (metafleet.simulations.attacks; a device has no such setting):
+    # the attack, and the share of the training devices that run it from the first round.
+    attack: str = "none"
+    attackers: float = 0.0
+    # The server's aggregation rule against them (metafleet.server.defenses); norm-bound:C also makes every
+    # honest device clip its update to C before sending.
+    defense: str = "none"
+    # What a device sends up instead of its float32 update (metafleet.common.compression).
+    compress: str = "none"
 
     @classmethod
     def resolve(cls, **values: Any) -> RunConfig:
@@ -255,10 +266,47 @@ class RunConfig:
         _require(self, "dp_mode", self.dp_mode == "central" or (self.secure_aggregation and self.differential_privacy),
                  "'distributed' needs secure aggregation and a noise multiplier > 0 (each device's share of the "
                  "noise is too small to show its update to the server alone)")
+        self._validate_robustness()
         _require(self, "ways", self.ways == 0 or self.ways >= 2, "must be 0 (all classes) or >= 2")
         _require(self, "eval_episodes", 1 <= self.eval_episodes <= 100, "must be in [1, 100]")
         _require(self, "fold", 0 <= self.fold < self.folds,
                  f"must be in [0, {self.folds}) ({self.clients} clients, {self.held_out_clients} held out per fold)")
+
+    def _validate_robustness(self) -> None:
+        for name, parse in (("attack", Attack.parse), ("defense", Defense.parse), ("compress", Compression.parse)):
+            try:
+                parse(getattr(self, name))
+            except ValueError as error:
+                raise ConfigError(name, getattr(self, name), str(error)) from None
+        attack, defense = self.attack_definition, self.defense_definition
+        _require(self, "attackers", 0 <= self.attackers < 1, "must be a share of the training devices in [0, 1)")
+        _require(self, "attackers", (self.attackers > 0) == attack.active,
+                 "and attack go together: --attack KIND --attackers FRACTION (> 0)")
+        _require(self, "attack", attack.kind != "backdoor" or not self.task_definition.regression,
+                 "backdoor relabels triggered inputs to a class: it needs a classification task")
+        _require(self, "defense", not (defense.needs_plaintext and self.secure_aggregation),
+                 "reads every device's update, which secure aggregation hides from the server; with "
+                 "--secure-aggregation use --defense norm-bound:C (devices clip before masking)")
+        _require(self, "defense", not (defense.kind == "norm-bound" and self.secure_aggregation
+                                       and defense.device_bound is None),
+                 "needs its bound with secure aggregation, as norm-bound:C: the server cannot see the updates' "
+                 "norms, so every device clips to C before masking")
+        _require(self, "defense", defense.kind in ("none", "norm-bound") or not self.differential_privacy,
+                 "with differential privacy: the accountant's guarantee is for the mean of clipped updates")
+        _require(self, "compress", self.compress in ("", "none") or not self.secure_aggregation,
+                 "saves nothing under secure aggregation: SecAgg+ sends every value as a 32-bit masked word")
+
+    @property
+    def attack_definition(self) -> Attack:
+        return Attack.parse(self.attack)
+
+    @property
+    def defense_definition(self) -> Defense:
+        return Defense.parse(self.defense)
+
+    @property
+    def compression(self) -> Compression:
+        return Compression.parse(self.compress)
 
     @property
     def task_definition(self) -> Task:

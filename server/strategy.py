@@ -22,12 +22,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from metafleet.common.compression import decode
 from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.meta import Params, check_update, global_norm
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
 from metafleet.common.records import from_array_record, to_array_record
-from metafleet.common.training import weighted_mean
+from metafleet.server.defenses import robust_aggregate
 from metafleet.server.privacy import PrivacyLedger
 
 log = logging.getLogger("metafleet.server")
@@ -84,6 +85,8 @@ class MetaStrategy(FedAvg):
         self.bytes_up = 0
         self.bytes_down = 0
         self.privacy = PrivacyLedger(config) if config.differential_privacy else None
+        self.defense = config.defense_definition
+        self.compression = config.compression
 
     # -- train -------------------------------------------------------------------------------------------
     def configure_train(
@@ -134,7 +137,9 @@ class MetaStrategy(FedAvg):
             )
             self.last_round.skipped = True
             return None, None
-        self.apply_aggregate(weighted_mean(updates, weights), len(updates))
+        aggregate, defense_metrics = robust_aggregate(updates, weights, self.defense)
+        self.last_round.metrics.update(defense_metrics)
+        self.apply_aggregate(aggregate, len(updates))
         keys = set.intersection(*(set(m) for m in metrics))
         summary = {key: float(np.average([m[key] for m in metrics], weights=weights)) for key in sorted(keys)}
         self.last_round.metrics.update(summary)
@@ -169,6 +174,9 @@ class MetaStrategy(FedAvg):
         if self.privacy is not None:
             weight = 1  # one client's influence on the mean is then at most clip_norm / clients
         update = from_array_record(content["arrays"])
+        if self.compression.active:
+            update = decode({name: tensor.numpy() for name, tensor in update.items()}, self.compression,
+                            self.reference)
         check_update(update, self.reference)
         norm = global_norm(update)
         if self.privacy is not None and norm > self.config.dp_clip_norm * (1 + 1e-4):
@@ -202,7 +210,7 @@ class MetaStrategy(FedAvg):
         """Mean and 95% CI over held-out clients at each step count, with and without the device's guard,
         plus every client's own values (``client-ids``, ``clients-step-N``) for pooling across folds."""
         steps = self.config.eval_steps
-        client_ids, curves, guarded_curves = [], [], []
+        client_ids, curves, guarded_curves, backdoor_curves = [], [], [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -218,10 +226,16 @@ class MetaStrategy(FedAvg):
             client_ids.append(int(values["client-id"]))
             curves.append(curve)
             guarded_curves.append(guarded)
+            # A simulated backdoor's success on this device (metafleet.simulations.attacks), where measured.
+            backdoor_curves.append([values.get(f"backdoor-step-{step}") for step in steps])
         if not curves:
             return None
         result: dict[str, Any] = {"clients": len(curves), "client-ids": client_ids}
-        for prefix, rows in (("", curves), ("guarded-", guarded_curves)):
+        groups = [("", curves), ("guarded-", guarded_curves)]
+        backdoor_rows = [row for row in backdoor_curves if all(_finite_number(v) for v in row)]
+        if backdoor_rows:
+            groups.append(("backdoor-", backdoor_rows))
+        for prefix, rows in groups:
             for index, step in enumerate(steps):
                 values = [float(row[index]) for row in rows]
                 mean, half_width = mean_and_ci95(values)

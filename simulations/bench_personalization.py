@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from metafleet.common.cli_options import add_attack_arguments
 from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.errors import MetafleetError
@@ -380,6 +381,9 @@ def personalization_command(argv: list[str]) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--torch-device", metavar="DEVICE", help="where simulated devices compute: cpu or cuda")
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--defense", help="every run's --defense (see metafleet simulate --help)")
+    parser.add_argument("--compress", help="every run's --compress")
+    add_attack_arguments(parser)
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise MetafleetError(f"--jobs must be >= 1, got {args.jobs}")
@@ -414,6 +418,10 @@ def personalization_command(argv: list[str]) -> int:
         if args.eval_every < 1:
             raise MetafleetError(f"--eval-every must be >= 1, got {args.eval_every}")
         plan = dataclasses.replace(plan, common={**plan.common, "eval_every": args.eval_every})
+    robustness = {key: getattr(args, key) for key in ("attack", "attackers", "defense", "compress")
+                  if getattr(args, key) is not None}
+    if robustness:
+        plan = dataclasses.replace(plan, common={**plan.common, **robustness})
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     execution = Execution(args.backend, args.cpus_per_client, args.torch_device, args.jobs)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from metafleet.common.cli_options import add_learning_arguments, config_from_arguments
+from metafleet.common.cli_options import add_attack_arguments, add_learning_arguments, config_from_arguments
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.server.report import print_summary
@@ -28,6 +28,7 @@ def simulate_parser() -> argparse.ArgumentParser:
         "on held-out clients. Writes config.json, metrics.jsonl, checkpoints/, summary.json and plots.",
     )
     add_learning_arguments(parser)
+    add_attack_arguments(parser)
     parser.add_argument("--out", type=Path, help="run directory (default runs/DATASET-ALGORITHM-TIME)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources per simulated device")
@@ -80,6 +81,13 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     from metafleet.client.app import app as client_app
+
+    if config.attack_definition.active:
+        from metafleet.simulations.attacks import AttackingClientApp, attackers
+
+        client_app = AttackingClientApp()
+        print(f"metafleet: {len(attackers(config))} attacking devices ({config.attack}): "
+              f"{', '.join(str(c) for c in sorted(attackers(config)))}", file=sys.stderr)
 
     if config.data:
         from metafleet.common.fleets import make_fleet, split_clients

@@ -95,7 +95,8 @@ def test_only_the_aggregate_reaches_the_strategy_and_it_is_the_plaintext_mean():
     # θ moved by exactly that aggregate (outer SGD, step 1, θ ← θ − ū with ū = θ − θ'): the meta-update ran once.
     assert (_flat(theta) - _flat(fleet.strategy.params) - _flat(mean)).abs().max().item() < 1e-6
     # Where the round's time went, for metrics.jsonl: each stage's exchange and the server's own work.
-    timing = {key: value for key, value in fleet.strategy.last_round.metrics.items() if key.startswith("secagg-") and key.endswith("-seconds")}
+    timing = {key: value for key, value in fleet.strategy.last_round.metrics.items()
+              if key.startswith("secagg-") and key.endswith("-seconds")}
     assert set(timing) == {"secagg-setup-seconds", "secagg-share-keys-seconds",
                            "secagg-collect-masked-vectors-seconds", "secagg-unmask-seconds", "secagg-server-seconds"}
     assert all(value >= 0 for value in timing.values())
