@@ -2,15 +2,17 @@
 
     python -m metafleet.simulations.bench_robust --dataset fashion-mnist --out bench-out/robust \\
         [--attacks sign-flip,scale] [--fractions 0.2] [--defenses none,median,trimmed-mean,krum,multi-krum,norm-bound]
+        [--more-attacks label-flip,noise,backdoor --more-fractions 0.2 --more-defenses none,median,multi-krum]
         [--compress q8,topk:0.1] [--seeds 0] [--rounds R] [--algorithm reptile] [--jobs 2]
 
 Every run is ``metafleet simulate`` on the in-process backend with the data set's defaults: a clean run,
-each attack at each fraction of attacking training devices against each defence, and each compression
-setting without attack. Reported per run, after the last round: the held-out devices' personalization
-metric after each number of adaptation steps (mean and 95 % CI over the held-out devices of all seeds,
-pooled: a data set whose seed deals its devices gives other devices per seed), the backdoor's success rate
-where the attack is one, and bytes up per round. Finished runs are kept and reused when the benchmark is run
-again with the same ``--out``. Prints a table and writes ``robust.json`` and ``results.md``.
+each defence without attack (what it costs by itself), each attack at each fraction of attacking training
+devices against each defence, and each compression setting without attack. Reported per case, after the
+last round: the held-out devices' personalization metric after each number of adaptation steps (mean and
+95 % CI over the held-out devices of all seeds, pooled: a data set whose seed deals its devices gives
+other devices per seed), the backdoor's success rate where the attack is one, and bytes up per round.
+Finished runs are kept and reused when the benchmark is run again with the same ``--out``. Prints a table
+and writes ``robust.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -38,11 +40,17 @@ def _run(config: RunConfig, run_dir: Path) -> None:
 def plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(name, config overrides) of every run, per seed."""
     cases: list[tuple[str, dict]] = [("clean", {})]
-    for attack in filter(None, args.attacks.split(",")):
-        for fraction in [float(f) for f in args.fractions.split(",") if f]:
-            for defense in filter(None, args.defenses.split(",")):
-                cases.append((f"{attack}@{fraction:g}/{defense}",
-                              dict(attack=attack, attackers=fraction, defense=defense)))
+    defenses = list(filter(None, args.defenses.split(",")))
+    # What each defence costs without an attack (robust rules discard honest information too).
+    cases += [(f"clean/{defense}", dict(defense=defense)) for defense in defenses if defense != "none"]
+    grids = [(args.attacks, args.fractions, defenses),
+             (args.more_attacks, args.more_fractions, list(filter(None, args.more_defenses.split(","))))]
+    for attacks, fractions, chosen in grids:
+        for attack in filter(None, attacks.split(",")):
+            for fraction in [float(f) for f in fractions.split(",") if f]:
+                for defense in chosen:
+                    cases.append((f"{attack}@{fraction:g}/{defense}",
+                                  dict(attack=attack, attackers=fraction, defense=defense)))
     for compress in filter(None, args.compress.split(",")):
         cases.append((f"compress {compress}", dict(compress=compress)))
     return cases
@@ -56,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default="sign-flip,scale")
     parser.add_argument("--fractions", default="0.2")
     parser.add_argument("--defenses", default="none,median,trimmed-mean,krum,multi-krum,norm-bound")
+    parser.add_argument("--more-attacks", default="", help="a second grid: these attacks ...")
+    parser.add_argument("--more-fractions", default="0.2", help="... at these fractions ...")
+    parser.add_argument("--more-defenses", default="none,median,multi-krum,norm-bound", help="... against these")
     parser.add_argument("--compress", default="q8,topk:0.1")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rounds", type=int)

@@ -102,6 +102,10 @@ def replicated_fleet(model: str, devices: int, held_out: int, folder: Path) -> l
     from metafleet.common.device_data import save_device_data
 
     config = RunConfig.resolve(**MODELS[model])
+    if config.ways:
+        # A folder device's labels must fit the model's head; an N-way task's clients hold more classes.
+        raise SystemExit(f"bench_secagg: {model} trains on {config.ways}-way episodes of clients with more classes "
+                         "than its head: a replicated folder fleet cannot stand for them; use --simulation-devices 0")
     fleet = make_fleet(config)
     training, held = split_clients(config)
     if folder.exists() and len(list(folder.iterdir())) == devices + held_out:
