@@ -26,7 +26,7 @@ from metafleet.common.fleets import make_model
 from metafleet.common.records import KEEP_MODEL_ACTION, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR
 from metafleet.common.task import fingerprint
-from metafleet.server.grid import MeteredGrid
+from metafleet.server.grid import MeteredGrid, PollingGrid
 from metafleet.server.report import metric_name, write_report
 from metafleet.server.rundir import RunDirectory
 from metafleet.server.secure import SecureAggregation
@@ -44,6 +44,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    poll_seconds = float(server_options(dict(context.run_config))["reply-poll-seconds"])
+    if poll_seconds > 0:
+        grid = PollingGrid(grid, poll_seconds)
     try:
         summary = run_meta_training(grid, dict(context.run_config))
     except Exception as error:
@@ -104,7 +107,7 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDirectory, options: dict[s
         run_dir.truncate_metrics_after(int(state["round"]))
         log.info("resuming %s from round %d of %d", run_dir.path, start_round, config.rounds)
 
-    grid = MeteredGrid(grid, float(options["reply-poll-seconds"]))
+    grid = MeteredGrid(grid)
     secure = None
     if config.secure_aggregation:
         secure = SecureAggregation(strategy, grid.run.run_id, options["round-timeout"])

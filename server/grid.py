@@ -3,9 +3,10 @@
 Both aggregation paths send through it, so bytes_up / bytes_down compare plain and secure rounds (SecAgg+'s
 key exchange included), and a secure round that halts can still say which node failed and why.
 
-With ``reply_poll_seconds`` it also waits for replies itself, through the Grid's public ``push_messages`` and
-``pull_messages``: Flower 1.42's deployed grid (``flwr.superlink.grid.http_grid``) sleeps a hard-coded 3 s
-between pulls, so every exchange took a multiple of 3 s, and a SecAgg+ round has four.
+``PollingGrid`` waits for replies itself, through the Grid's public ``push_messages`` and ``pull_messages``:
+Flower 1.42's deployed grid (``flwr.superlink.grid.http_grid``) sleeps a hard-coded 3 s between pulls, so
+every exchange took a multiple of 3 s, and a SecAgg+ round has four. The ServerApp puts it around the grid
+Flower hands it, where run config ``reply-poll-seconds`` is set (``metafleet server``, ``simulate`` on Ray).
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ def content_bytes(message: Message) -> int:
 
 
 class MeteredGrid(Grid):
-    def __init__(self, grid: Grid, reply_poll_seconds: float = 0.0):
+    def __init__(self, grid: Grid):
         self._grid = grid
-        self.reply_poll_seconds = reply_poll_seconds  # 0: the grid's own send_and_receive
         self.bytes_down = 0
         self.bytes_up = 0
         self.errors: list[tuple[int, str]] = []
@@ -36,31 +36,12 @@ class MeteredGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self.bytes_down += sum(content_bytes(m) for m in messages)
-        if self.reply_poll_seconds > 0:
-            replies = self._push_and_poll(messages, timeout)
-        else:
-            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if reply.has_error():
                 self.errors.append((reply.metadata.src_node_id, short_reason(reply.error.reason)))
             else:
                 self.bytes_up += content_bytes(reply)
-        return replies
-
-    def _push_and_poll(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """Flower's send_and_receive (push, then pull until every reply is in or the timeout passes; no
-        timeout waits for all), polling every ``reply_poll_seconds``."""
-        waiting = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting:
-            pulled = list(self._grid.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            pause = self.reply_poll_seconds
-            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
         return replies
 
     def take_bytes(self) -> tuple[int, int]:
@@ -73,6 +54,54 @@ class MeteredGrid(Grid):
         """(node, reason) of the error replies since the last call."""
         errors, self.errors = self.errors, []
         return errors
+
+    # The rest of Grid, delegated.
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - Flower's Run type
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+
+class PollingGrid(Grid):
+    """Flower's ``send_and_receive`` (push, then pull until every reply is in or the timeout passes; no timeout
+    waits for all), pulling every ``poll_seconds`` instead of the deployed grid's 3 s."""
+
+    def __init__(self, grid: Grid, poll_seconds: float):
+        if not poll_seconds > 0:
+            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
+        self._grid = grid
+        self.poll_seconds = poll_seconds
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        waiting = set(self._grid.push_messages(list(messages)))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            pulled = list(self._grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            pause = self.poll_seconds
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+        return replies
 
     # The rest of Grid, delegated.
     def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type

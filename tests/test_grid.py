@@ -6,7 +6,7 @@ import time
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from metafleet.server.grid import MeteredGrid
+from metafleet.server.grid import MeteredGrid, PollingGrid
 from metafleet.simulations.inprocess import RUN_ID, InProcessGrid
 
 _ = RUN_ID  # InProcessGrid sets Flower's task identity, which Message(...) needs outside Flower's runtime
@@ -45,7 +45,7 @@ def _messages(count: int) -> list[Message]:
 
 def test_replies_are_pulled_every_poll_interval_until_all_are_in():
     link = SlowLink(delay=0.05)
-    grid = MeteredGrid(link, reply_poll_seconds=0.01)
+    grid = MeteredGrid(PollingGrid(link, 0.01))
     started = time.monotonic()
     replies = grid.send_and_receive(_messages(3), timeout=5)
     elapsed = time.monotonic() - started
@@ -56,7 +56,7 @@ def test_replies_are_pulled_every_poll_interval_until_all_are_in():
 
 
 def test_the_timeout_returns_the_replies_that_came():
-    grid = MeteredGrid(SlowLink(delay=0.2), reply_poll_seconds=0.02)
+    grid = PollingGrid(SlowLink(delay=0.2), 0.02)
     started = time.monotonic()
     replies = grid.send_and_receive(_messages(3), timeout=0.3)
     assert len(replies) == 1 and time.monotonic() - started < 0.6
