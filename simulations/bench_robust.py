@@ -3,7 +3,7 @@
     python -m metafleet.simulations.bench_robust --dataset fashion-mnist --out bench-out/robust \\
         [--attacks sign-flip,scale] [--fractions 0.2] [--defenses none,median,trimmed-mean,krum,multi-krum,norm-bound]
         [--more-attacks label-flip,noise,backdoor --more-fractions 0.2 --more-defenses none,median,multi-krum]
-        [--compress q8,topk:0.1] [--seeds 0] [--rounds R] [--algorithm reptile] [--jobs 2]
+        [--compress q8,topk:0.1] [--seeds 0] [--rounds R] [--algorithm reptile] [--jobs 2] [--set FIELD=VALUE]
 
 Every run is ``metafleet simulate`` on the in-process backend with the data set's defaults: a clean run,
 each defence without attack (what it costs by itself), each attack at each fraction of attacking training
@@ -18,6 +18,7 @@ and writes ``robust.json`` and ``results.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import sys
@@ -71,14 +72,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config field for every run, as outer_optimizer=sgd (repeatable)")
     args = parser.parse_args(argv)
+    fields = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    common = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            parser.error(f"--set wants FIELD=VALUE with a RunConfig field, got {item!r}")
+        common[name] = {"int": int, "float": float}.get(str(fields[name]), str)(value)
     seeds = [int(s) for s in args.seeds.split(",")]
     cases = plan(args)
     runs = []
     for name, overrides in cases:
         for seed in seeds:
             config = RunConfig.resolve(dataset=args.dataset, algorithm=args.algorithm, seed=seed,
-                                       **({"rounds": args.rounds} if args.rounds else {}), **overrides)
+                                       **({"rounds": args.rounds} if args.rounds else {}), **common, **overrides)
             slug = name.replace("/", "-").replace("@", "-").replace(" ", "-").replace(":", "")
             runs.append((name, seed, config, args.out / "runs" / f"{slug}-seed{seed}"))
     pending = [(config, run_dir) for _, _, config, run_dir in runs if not (run_dir / "summary.json").is_file()]

@@ -276,3 +276,19 @@ def test_simulate_takes_the_attack_flags_and_the_server_has_none():
     assert (server.defense, server.compress) == ("median", "q8")
     with pytest.raises(SystemExit):
         server_parser().parse_args(["--dataset", "watch", "--attack", "sign-flip"])
+
+
+def test_the_robustness_benchmark_plans_clean_defence_only_attack_and_compression_cases():
+    import argparse
+
+    from metafleet.simulations.bench_robust import plan
+
+    args = argparse.Namespace(attacks="sign-flip", fractions="0.1,0.2", defenses="none,median",
+                              more_attacks="backdoor", more_fractions="0.2", more_defenses="none",
+                              compress="q8")
+    cases = dict(plan(args))
+    assert list(cases) == ["clean", "clean/median", "sign-flip@0.1/none", "sign-flip@0.1/median",
+                           "sign-flip@0.2/none", "sign-flip@0.2/median", "backdoor@0.2/none", "compress q8"]
+    assert cases["sign-flip@0.1/median"] == dict(attack="sign-flip", attackers=0.1, defense="median")
+    for overrides in cases.values():  # every case is a config the validation accepts
+        RunConfig.resolve(dataset="fashion-mnist", **overrides)
