@@ -26,9 +26,38 @@ def content_bytes(message: Message) -> int:
     return recorddict_to_proto(message.content).ByteSize() if message.has_content() else 0
 
 
-class MeteredGrid(Grid):
+class _DelegatingGrid(Grid):
+    """A Grid around another: everything it does not change, delegated."""
+
     def __init__(self, grid: Grid):
         self._grid = grid
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - Flower's Run type
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+
+class MeteredGrid(_DelegatingGrid):
+    def __init__(self, grid: Grid):
+        super().__init__(grid)
         self.bytes_down = 0
         self.bytes_up = 0
         self.errors: list[tuple[int, str]] = []
@@ -55,38 +84,15 @@ class MeteredGrid(Grid):
         errors, self.errors = self.errors, []
         return errors
 
-    # The rest of Grid, delegated.
-    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
-        self._grid.set_run(run)
 
-    @property
-    def run(self):  # noqa: ANN201 - Flower's Run type
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: ANN201
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-
-class PollingGrid(Grid):
+class PollingGrid(_DelegatingGrid):
     """Flower's ``send_and_receive`` (push, then pull until every reply is in or the timeout passes; no timeout
     waits for all), pulling every ``poll_seconds`` instead of the deployed grid's 3 s."""
 
     def __init__(self, grid: Grid, poll_seconds: float):
         if not poll_seconds > 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
-        self._grid = grid
+        super().__init__(grid)
         self.poll_seconds = poll_seconds
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -102,26 +108,3 @@ class PollingGrid(Grid):
             pause = self.poll_seconds
             time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
         return replies
-
-    # The rest of Grid, delegated.
-    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run type
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201 - Flower's Run type
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: ANN201
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
