@@ -46,6 +46,7 @@ from metafleet.common.meta import FunctionalModel, Params, check_update, global_
 from metafleet.common.privacy import clip_to_norm, clip_values, distributed_dp_share
 from metafleet.common.records import KEEP_MODEL_ACTION, from_array_record, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR, MASK_GENERATOR_KEY, bind
+from metafleet.common.selective import SENT_KEY, select_layers, sent_flags
 from metafleet.common.task import fingerprint
 from metafleet.common.training import client_personalization, client_train
 
@@ -62,6 +63,8 @@ NODE_SECURE_AGGREGATION = "secure-aggregation"
 NODE_TASK = "task"
 # Where a device keeps what top-k compression left out of its last update (error feedback).
 RESIDUAL_RECORD = "metafleet-topk-residual"
+# Where a device keeps each layer's change since it last sent that layer (--selective-layers).
+UNSENT_LAYERS_RECORD = "metafleet-unsent-layers"
 
 
 # The device's SecAgg+ masks come from metafleet's generator (metafleet.common.secure_masks), not Flower's.
@@ -319,7 +322,7 @@ def train_reply(msg: Message, context: Context, device: Device, data: ClientData
             device.config.secagg_step, np.random.default_rng(secrets.randbits(128)))
     if not secure:
         metrics = MetricRecord({"num-examples": weight, **update.metrics})
-        arrays = _compressed(pseudo_grad, device.config, context, server_round, device.client_id)
+        arrays = _compressed(pseudo_grad, params, device.config, context, server_round, device.client_id)
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
     norm = global_norm(pseudo_grad)
     if norm > device.config.max_update_norm:
@@ -337,23 +340,38 @@ def train_reply(msg: Message, context: Context, device: Device, data: ClientData
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def _compressed(update: Params, config: RunConfig, context: Context, server_round: int, client_id: int) -> ArrayRecord:
-    """The reply's arrays: the update itself, or its compressed payload. Top-k's residual (what it left out)
-    stays in the device's context and joins the next round's update (error feedback)."""
+def _compressed(update: Params, params: Params, config: RunConfig, context: Context, server_round: int,
+                client_id: int) -> ArrayRecord:
+    """The reply's arrays: the update itself, or the layers of it that changed most (--selective-layers), each
+    either as they are or compressed. What top-k or the layer selection left out stays in the device's
+    context and joins the next round's update (error feedback)."""
     compression = config.compression
-    if not compression.active:
+    flags = None
+    if config.selective_layers:
+        pending = _kept(context, UNSENT_LAYERS_RECORD, update)
+        update, unsent = select_layers(update, pending, params, config.selective_layers)
+        context.state.array_records[UNSENT_LAYERS_RECORD] = to_array_record(unsent)
+        flags = sent_flags(update, list(params))
+    if not compression.active and flags is None:
         return to_array_record(update)
-    residual = None
-    if compression.kind == "topk" and RESIDUAL_RECORD in context.state.array_records:
-        kept = from_array_record(context.state.array_records[RESIDUAL_RECORD])
-        if set(kept) == set(update) and all(kept[name].shape == update[name].shape for name in update):
-            residual = kept
+    residual = _kept(context, RESIDUAL_RECORD, update) if compression.kind == "topk" else None
     payload, residual = encode(update, compression, np.random.default_rng([config.seed, server_round, client_id, 8]),
                                residual)
     if residual is not None:
         context.state.array_records[RESIDUAL_RECORD] = to_array_record(residual)
+    if flags is not None:
+        payload[SENT_KEY] = flags
     return ArrayRecord(OrderedDict((name, torch.from_numpy(np.ascontiguousarray(value)))
                                    for name, value in payload.items()))
+
+
+def _kept(context: Context, record: str, like: Params) -> Params | None:
+    """What the device kept under ``record`` in an earlier round, if it still fits the model."""
+    if record not in context.state.array_records:
+        return None
+    kept = from_array_record(context.state.array_records[record])
+    fits = set(kept) == set(like) and all(kept[name].shape == like[name].shape for name in like)
+    return kept if fits else None
 
 
 @app.evaluate()

@@ -7,6 +7,7 @@ from dataclasses import fields
 
 from metafleet.common.config import RunConfig
 from metafleet.common.meta import ALGORITHMS
+from metafleet.common.selective import SELECTIVE_DEFAULT
 from metafleet.common.tasks import BUILTIN_TASKS
 
 
@@ -70,6 +71,10 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress", metavar="KIND",
                         help="what devices send up: none (default), q8 (unbiased 8-bit) or topk:F (the largest "
                         "fraction F of each tensor, the rest kept on the device for the next round); plain path only")
+    parser.add_argument("--selective-layers", type=float, nargs="?", const=SELECTIVE_DEFAULT, metavar="SHARE",
+                        help="Cedar's layer-wise upload: each device sends only its layers that changed most since it "
+                        f"last sent them, SHARE of the model's parameters a round (default {SELECTIVE_DEFAULT}); the "
+                        "rest waits on the device. Combines with --compress q8; plain path only")
     parser.add_argument("--seed", type=int)
 
 

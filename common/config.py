@@ -124,6 +124,9 @@ class RunConfig:
     defense: str = "none"
     # What a device sends up instead of its float32 update (metafleet.common.compression).
     compress: str = "none"
+    # Cedar's layer-wise selective upload (metafleet.common.selective): the share of the model's parameters a
+    # device sends a round, its layers that changed most since it last sent them; 0 sends every layer.
+    selective_layers: float = 0.0
 
     @classmethod
     def resolve(cls, **values: Any) -> RunConfig:
@@ -295,6 +298,17 @@ class RunConfig:
                  "with differential privacy: the accountant's guarantee is for the mean of clipped updates")
         _require(self, "compress", self.compress in ("", "none") or not self.secure_aggregation,
                  "saves nothing under secure aggregation: SecAgg+ sends every value as a 32-bit masked word")
+        _require(self, "selective_layers", 0 <= self.selective_layers < 1,
+                 "must be the share of the model's parameters a device sends, in (0, 1), or 0 (every layer)")
+        if self.selective_layers:
+            _require(self, "selective_layers", not self.secure_aggregation,
+                     "saves nothing under secure aggregation: SecAgg+ masks every coordinate, so a skipped layer "
+                     "would still travel (as masked zeros, with a count per layer) at full size")
+            _require(self, "selective_layers", not self.differential_privacy,
+                     "with differential privacy: each layer would average over a different number of devices, "
+                     "which the accountant does not cover")
+            _require(self, "selective_layers", self.compression.kind != "topk",
+                     "with topk: top-k already chooses what to send; combine --selective-layers with q8")
 
     @property
     def attack_definition(self) -> Attack:

@@ -26,7 +26,8 @@ class OuterOptimizer(ABC):
 
     @abstractmethod
     def step(self, params: Params, pseudo_grad: Params) -> Params:
-        """Return the new parameters; ``params`` is not modified."""
+        """Return the new parameters; ``params`` is not modified. A tensor ``pseudo_grad`` lacks keeps its
+        value, and its optimizer state stays as it was."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
@@ -51,9 +52,9 @@ class OuterSGD(OuterOptimizer):
             self.velocity = {
                 name: self.momentum * self.velocity.get(name, torch.zeros_like(g)) + g
                 for name, g in pseudo_grad.items()
-            }
-            direction = self.velocity
-        return {name: p - self.lr * direction[name] for name, p in params.items()}
+            } | {name: v for name, v in self.velocity.items() if name not in pseudo_grad}
+            direction = {name: self.velocity[name] for name in pseudo_grad}
+        return {name: p - self.lr * direction[name] if name in direction else p for name, p in params.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "sgd", "lr": self.lr, "momentum": self.momentum, "velocity": dict(self.velocity)}
@@ -84,6 +85,9 @@ class OuterAdam(OuterOptimizer):
         self.steps_taken += 1
         new_params = {}
         for name, p in params.items():
+            if name not in pseudo_grad:
+                new_params[name] = p  # no device sent it (--selective-layers): neither it nor its moments move
+                continue
             g = pseudo_grad[name]
             m = beta1 * self.first_moment.get(name, torch.zeros_like(g)) + (1 - beta1) * g
             v = beta2 * self.second_moment.get(name, torch.zeros_like(g)) + (1 - beta2) * g * g

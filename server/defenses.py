@@ -27,6 +27,7 @@ from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, agg
 from metafleet.common.meta import Params, global_norm
 from metafleet.common.privacy import clip_to_norm
 from metafleet.common.robust import Defense
+from metafleet.common.selective import layers
 from metafleet.common.training import weighted_mean
 
 
@@ -59,3 +60,29 @@ def robust_aggregate(updates: Sequence[Params], weights: Sequence[float], defens
     reference = updates[0]
     return {name: torch.as_tensor(np.asarray(array)).to(reference[name].dtype).reshape(reference[name].shape)
             for name, array in zip(names, arrays, strict=True)}, metrics
+
+
+def layerwise_aggregate(updates: Sequence[Params], weights: Sequence[float], defense: Defense, names: list[str]
+                        ) -> tuple[Params, dict[str, float]]:
+    """--selective-layers: each layer aggregated under ``defense`` over the devices that sent it (Krum then
+    compares devices layer by layer). A layer no device sent is left out, and so keeps its value."""
+    aggregate: Params = {}
+    senders_per_layer: list[float] = []
+    gathered: dict[str, list[float]] = {}
+    for members in layers(names).values():
+        senders = [index for index, update in enumerate(updates) if members[0] in update]
+        if not senders:
+            continue
+        part, metrics = robust_aggregate([{name: updates[i][name] for name in members} for i in senders],
+                                         [weights[i] for i in senders], defense)
+        aggregate.update(part)
+        senders_per_layer.append(float(len(senders)))
+        for key, value in metrics.items():
+            gathered.setdefault(key, []).append(value)
+    # The model's order, as robust_aggregate keeps it.
+    aggregate = {name: aggregate[name] for name in names if name in aggregate}
+    summary = {key: float(np.mean(values)) for key, values in gathered.items()}
+    layer_count = len(layers(names))
+    summary["layers-unsent"] = float(layer_count - len(senders_per_layer))
+    summary["layer-senders-mean"] = float(np.mean(senders_per_layer)) if senders_per_layer else 0.0
+    return aggregate, summary

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -28,7 +29,8 @@ from metafleet.common.data import mean_and_ci95
 from metafleet.common.meta import Params, check_update, global_norm
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
 from metafleet.common.records import from_array_record, to_array_record
-from metafleet.server.defenses import robust_aggregate
+from metafleet.common.selective import sent_reference
+from metafleet.server.defenses import layerwise_aggregate, robust_aggregate
 from metafleet.server.privacy import PrivacyLedger
 
 log = logging.getLogger("metafleet.server")
@@ -137,7 +139,10 @@ class MetaStrategy(FedAvg):
             )
             self.last_round.skipped = True
             return None, None
-        aggregate, defense_metrics = robust_aggregate(updates, weights, self.defense)
+        if self.config.selective_layers:
+            aggregate, defense_metrics = layerwise_aggregate(updates, weights, self.defense, list(self.reference))
+        else:
+            aggregate, defense_metrics = robust_aggregate(updates, weights, self.defense)
         self.last_round.metrics.update(defense_metrics)
         self.apply_aggregate(aggregate, len(updates))
         keys = set.intersection(*(set(m) for m in metrics))
@@ -146,7 +151,8 @@ class MetaStrategy(FedAvg):
         return to_array_record(self.params), MetricRecord({"num-examples": int(sum(weights)), **summary})
 
     def apply_aggregate(self, mean_pseudo_grad: Params, contributors: int) -> None:
-        """The meta-update: the one place θ changes, whichever path (plain or secure) aggregated.
+        """The meta-update: the one place θ changes, whichever path (plain or secure) aggregated. A tensor that
+        ``mean_pseudo_grad`` lacks (a layer no device sent, --selective-layers) keeps its value.
 
         With differential privacy, the mean of ``contributors`` clipped updates gets its noise here first.
         """
@@ -174,10 +180,13 @@ class MetaStrategy(FedAvg):
         if self.privacy is not None:
             weight = 1  # one client's influence on the mean is then at most clip_norm / clients
         update = from_array_record(content["arrays"])
+        reference = self.reference
+        if self.config.selective_layers:
+            payload, reference = sent_reference({name: t.numpy() for name, t in update.items()}, reference)
+            update = {name: torch.from_numpy(value) for name, value in payload.items()}
         if self.compression.active:
-            update = decode({name: tensor.numpy() for name, tensor in update.items()}, self.compression,
-                            self.reference)
-        check_update(update, self.reference)
+            update = decode({name: tensor.numpy() for name, tensor in update.items()}, self.compression, reference)
+        check_update(update, reference)
         norm = global_norm(update)
         if self.privacy is not None and norm > self.config.dp_clip_norm * (1 + 1e-4):
             raise ValueError(f"update norm {norm:.3g} exceeds dp_clip_norm {self.config.dp_clip_norm:.3g}: "
