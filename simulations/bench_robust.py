@@ -3,7 +3,7 @@
     python -m metafleet.simulations.bench_robust --dataset fashion-mnist --out bench-out/robust \\
         [--attacks sign-flip,scale] [--fractions 0.2] [--defenses none,median,trimmed-mean,krum,multi-krum,norm-bound]
         [--more-attacks label-flip,noise,backdoor --more-fractions 0.2 --more-defenses none,median,multi-krum]
-        [--compress q8,topk:0.1] [--seeds 0] [--rounds R] [--algorithm reptile] [--jobs 2] [--set FIELD=VALUE]
+        [--compress q8,topk:0.1,layers:0.5,q8+layers:0.5] [--seeds 0] [--rounds R] [--algorithm reptile] [--jobs 2] [--set FIELD=VALUE]
 
 Every run is ``metafleet simulate`` on the in-process backend with the data set's defaults: a clean run,
 each defence without attack (what it costs by itself), each attack at each fraction of attacking training
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
+from metafleet.common.selective import SELECTIVE_DEFAULT
 
 
 def _run(config: RunConfig, run_dir: Path) -> None:
@@ -53,8 +54,20 @@ def plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
                     cases.append((f"{attack}@{fraction:g}/{defense}",
                                   dict(attack=attack, attackers=fraction, defense=defense)))
     for compress in filter(None, args.compress.split(",")):
-        cases.append((f"compress {compress}", dict(compress=compress)))
+        cases.append((f"compress {compress}", _upload_overrides(compress)))
     return cases
+
+
+def _upload_overrides(text: str) -> dict:
+    """``q8``, ``topk:F``, ``layers[:SHARE]`` (--selective-layers) or two joined by ``+``, as ``q8+layers:0.5``."""
+    overrides: dict = {}
+    for part in text.split("+"):
+        kind, _, argument = part.partition(":")
+        if kind == "layers":
+            overrides["selective_layers"] = float(argument) if argument else SELECTIVE_DEFAULT
+        else:
+            overrides["compress"] = part
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--more-attacks", default="", help="a second grid: these attacks ...")
     parser.add_argument("--more-fractions", default="0.2", help="... at these fractions ...")
     parser.add_argument("--more-defenses", default="none,median,multi-krum,norm-bound", help="... against these")
-    parser.add_argument("--compress", default="q8,topk:0.1")
+    parser.add_argument("--compress", default="q8,topk:0.1",
+                        help="uplink settings, each run without attack: q8, topk:F, layers[:SHARE] "
+                        "(--selective-layers) or two joined by +, as q8+layers:0.5")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--jobs", type=int, default=2)
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             config = RunConfig.resolve(dataset=args.dataset, algorithm=args.algorithm, seed=seed,
                                        **({"rounds": args.rounds} if args.rounds else {}), **common, **overrides)
-            slug = name.replace("/", "-").replace("@", "-").replace(" ", "-").replace(":", "")
+            slug = name.replace("/", "-").replace("@", "-").replace(" ", "-").replace(":", "").replace("+", "-")
             runs.append((name, seed, config, args.out / "runs" / f"{slug}-seed{seed}"))
     pending = [(config, run_dir) for _, _, config, run_dir in runs if not (run_dir / "summary.json").is_file()]
     print(f"bench_robust: {len(runs)} runs, {len(pending)} to do, {args.jobs} at a time", file=sys.stderr)

@@ -285,10 +285,13 @@ def test_the_robustness_benchmark_plans_clean_defence_only_attack_and_compressio
 
     args = argparse.Namespace(attacks="sign-flip", fractions="0.1,0.2", defenses="none,median",
                               more_attacks="backdoor", more_fractions="0.2", more_defenses="none",
-                              compress="q8")
+                              compress="q8,layers,q8+layers:0.3")
     cases = dict(plan(args))
     assert list(cases) == ["clean", "clean/median", "sign-flip@0.1/none", "sign-flip@0.1/median",
-                           "sign-flip@0.2/none", "sign-flip@0.2/median", "backdoor@0.2/none", "compress q8"]
+                           "sign-flip@0.2/none", "sign-flip@0.2/median", "backdoor@0.2/none", "compress q8",
+                           "compress layers", "compress q8+layers:0.3"]
     assert cases["sign-flip@0.1/median"] == dict(attack="sign-flip", attackers=0.1, defense="median")
+    assert cases["compress layers"] == dict(selective_layers=0.5)
+    assert cases["compress q8+layers:0.3"] == dict(compress="q8", selective_layers=0.3)
     for overrides in cases.values():  # every case is a config the validation accepts
         RunConfig.resolve(dataset="fashion-mnist", **overrides)
