@@ -3,7 +3,8 @@
     python -m metafleet.simulations.bench_robust --dataset fashion-mnist --out bench-out/robust \\
         [--attacks sign-flip,scale] [--fractions 0.2] [--defenses none,median,trimmed-mean,krum,multi-krum,norm-bound]
         [--more-attacks label-flip,noise,backdoor --more-fractions 0.2 --more-defenses none,median,multi-krum]
-        [--compress q8,topk:0.1,layers:0.5,q8+layers:0.5] [--seeds 0] [--rounds R] [--algorithm reptile] [--jobs 2] [--set FIELD=VALUE]
+        [--compress q8,topk:0.1,layers:0.5,q8+layers:0.5] [--seeds 0] [--rounds R] [--algorithm reptile]
+        [--jobs 2] [--set FIELD=VALUE]
 
 Every run is ``metafleet simulate`` on the in-process backend with the data set's defaults: a clean run,
 each defence without attack (what it costs by itself), each attack at each fraction of attacking training
