@@ -66,8 +66,12 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
                         "against the server too; needs --secure-aggregation). Default central")
     parser.add_argument("--defense", metavar="NAME",
                         help="aggregation against poisoned devices: none (default), median, trimmed-mean[:B], "
-                        "krum[:F], multi-krum[:F] (plain path only), or norm-bound[:C] (devices clip to C; the only "
-                        "one with --secure-aggregation, where C is required)")
+                        "krum[:F], multi-krum[:F], rsa[:cluster] (Cedar's representational-similarity weighting; "
+                        "plain path only), or norm-bound[:C] (devices clip to C; the only one with "
+                        "--secure-aggregation, where C is required)")
+    parser.add_argument("--rsa-stimuli", metavar="FILE.npz",
+                        help="--defense rsa's public stimulus set: an array x of a few inputs per class from data no "
+                        "device holds (default: the task's own stimuli(), where it has one)")
     parser.add_argument("--compress", metavar="KIND",
                         help="what devices send up: none (default), q8 (unbiased 8-bit) or topk:F (the largest "
                         "fraction F of each tensor, the rest kept on the device for the next round); plain path only")

@@ -122,6 +122,9 @@ class RunConfig:
     # The server's aggregation rule against them (metafleet.server.defenses); norm-bound:C also makes every
     # honest device clip its update to C before sending.
     defense: str = "none"
+    # rsa's public stimulus set: an .npz file holding ``x``, a few inputs per class from data no device holds
+    # (empty: the task's own ``stimuli()``).
+    rsa_stimuli: str = ""
     # What a device sends up instead of its float32 update (metafleet.common.compression).
     compress: str = "none"
     # Cedar's layer-wise selective upload (metafleet.common.selective): the share of the model's parameters a
@@ -298,6 +301,13 @@ class RunConfig:
                  "with differential privacy: the accountant's guarantee is for the mean of clipped updates")
         _require(self, "compress", self.compress in ("", "none") or not self.secure_aggregation,
                  "saves nothing under secure aggregation: SecAgg+ sends every value as a 32-bit masked word")
+        if defense.kind == "rsa":
+            _require(self, "rsa_stimuli", bool(self.rsa_stimuli) or self.task_definition.stimuli is not None,
+                     f"is needed for --defense rsa: task {self.task_definition.name} has no stimuli() of its own; give "
+                     "--rsa-stimuli FILE.npz (an array x: a few inputs per class from data no device holds)")
+            _require(self, "defense", not self.selective_layers,
+                     "judges each device's whole adapted model; with --selective-layers a device sends only some "
+                     "of its layers")
         _require(self, "selective_layers", 0 <= self.selective_layers < 1,
                  "must be the share of the model's parameters a device sends, in (0, 1), or 0 (every layer)")
         if self.selective_layers:

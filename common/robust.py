@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFENSES = ("none", "median", "trimmed-mean", "krum", "multi-krum", "norm-bound")
+DEFENSES = ("none", "median", "trimmed-mean", "krum", "multi-krum", "norm-bound", "rsa")
 # The defences that read individual updates: SecAgg+ hides those from the server.
-NEEDS_PLAINTEXT = ("median", "trimmed-mean", "krum", "multi-krum")
+NEEDS_PLAINTEXT = ("median", "trimmed-mean", "krum", "multi-krum", "rsa")
 TRIM_DEFAULT = 0.2  # trimmed-mean: the share cut from each end of every coordinate (Flower's FedTrimmedAvg)
 ASSUMED_ATTACKERS_DEFAULT = 0.3  # krum / multi-krum: the share of a round's devices assumed malicious
 
@@ -19,7 +19,8 @@ ASSUMED_ATTACKERS_DEFAULT = 0.3  # krum / multi-krum: the share of a round's dev
 @dataclass(frozen=True)
 class Defense:
     """A parsed ``--defense`` value. ``parameter``: trimmed-mean's cut per end, krum's assumed attacker share,
-    norm-bound's bound (0: none given, the server clips to the round's median norm, plain path only)."""
+    norm-bound's bound (0: none given, the server clips to the round's median norm, plain path only), rsa's
+    outlier-cluster filter (1: ``rsa:cluster``, 0: weighting only)."""
 
     kind: str = "none"
     parameter: float = 0.0
@@ -29,7 +30,11 @@ class Defense:
         kind, _, argument = (text or "none").strip().partition(":")
         if kind not in DEFENSES:
             raise ValueError(f"must be one of {', '.join(DEFENSES)} (trimmed-mean:B, krum:F, multi-krum:F and "
-                             f"norm-bound:C take a number)")
+                             f"norm-bound:C take a number; rsa:cluster also drops the outlier cluster)")
+        if kind == "rsa":
+            if argument not in ("", "cluster"):
+                raise ValueError("rsa takes no argument, or 'cluster' (rsa:cluster) to drop the outlier cluster")
+            return cls(kind, 1.0 if argument else 0.0)
         if kind in ("none", "median"):
             if argument:
                 raise ValueError(f"{kind} takes no argument")

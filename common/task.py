@@ -32,6 +32,9 @@ Everything else is optional:
     the task's own data, where it has any (the built-in tasks, in ``metafleet.common.tasks``, use it);
 ``benchmark``
     a ``BenchmarkPlan``: what ``metafleet bench personalization`` runs for this task;
+``stimuli() -> array``
+    a few inputs per class from data that no device holds, in the model's input shape: the public stimulus
+    set of ``--defense rsa`` (a user's server may give a file instead, ``--rsa-stimuli FILE.npz``);
 ``clients_depend_on_seed``
     True where ``make_fleet`` deals its data from the seed (then a client of one seed is another device than
     its namesake of another).
@@ -153,6 +156,7 @@ class Task:
     window: tuple[int, int] | None = None
     make_fleet: Callable[..., Any] | None = None
     benchmark: BenchmarkPlan | None = None
+    stimuli: Callable[[], Any] | None = None
     # True where the seed deals the task's own data (a generated or randomly partitioned fleet): client 3 of
     # seed 0 and client 3 of seed 1 are then different devices, not one device measured twice.
     clients_depend_on_seed: bool = False
@@ -336,7 +340,7 @@ def task_from_namespace(source: Any, spec: str, default_name: str) -> Task:
         "name": name, "spec": spec, "build_model": build_model,
         "objective": _objective(source.objective, source, where),
     }
-    for attribute in ("read_device", "augment", "make_fleet"):
+    for attribute in ("read_device", "augment", "make_fleet", "stimuli"):
         value = getattr(source, attribute, None)
         if value is not None and not callable(value):
             raise TaskError(f"{where}: {attribute} must be a function, got {type(value).__name__}")

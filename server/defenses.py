@@ -10,6 +10,9 @@
   devices clip already, the server clips what arrives whether or not its sender did. Without C, the bound is
   the round's median update norm (an honest majority sets it).
 
+- ``rsa[:cluster]``: Cedar's representational-similarity weighting (You et al., Nat. Commun. 16:3739, 2025),
+  ``RepresentationalSimilarity`` below.
+
 Each takes the round's validated updates and weights and returns the update the outer optimizer applies,
 with what it kept for metrics.jsonl. Under SecAgg+ the server sees only the sum: ``norm-bound:C`` then works
 through the devices' own clipping, and the others are refused by the config.
@@ -19,12 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
-from metafleet.common.meta import Params, global_norm
+from metafleet.common.config import RunConfig
+from metafleet.common.errors import ConfigError
+from metafleet.common.meta import FunctionalModel, Params, global_norm
 from metafleet.common.privacy import clip_to_norm
 from metafleet.common.robust import Defense
 from metafleet.common.selective import layers
@@ -36,6 +42,8 @@ def robust_aggregate(updates: Sequence[Params], weights: Sequence[float], defens
     """(aggregate, metrics) of a round's updates under ``defense``."""
     if defense.kind == "none":
         return weighted_mean(updates, weights), {}
+    if defense.kind == "rsa":
+        raise ValueError("rsa weighs updates by the models they lead to: use RepresentationalSimilarity.aggregate")
     if defense.kind == "norm-bound":
         norms = [global_norm(update) for update in updates]
         bound = defense.parameter or float(np.median(norms))
@@ -86,3 +94,104 @@ def layerwise_aggregate(updates: Sequence[Params], weights: Sequence[float], def
     summary["layers-unsent"] = float(layer_count - len(senders_per_layer))
     summary["layer-senders-mean"] = float(np.mean(senders_per_layer)) if senders_per_layer else 0.0
     return aggregate, summary
+
+
+class RepresentationalSimilarity:
+    """Cedar's safeguarded aggregation (You et al., Nat. Commun. 16:3739, 2025): each update weighted by how
+    much the model it leads to represents a public stimulus set as the global model does.
+
+    The server holds a few inputs per class that no device holds (the task's ``stimuli()`` or
+    ``--rsa-stimuli``). For θ and for each device's model — θ − g for fedavg and reptile, whose update g is
+    θ minus the device's adapted model, and θ − α·g (α the inner lr) for fomaml and maml, whose update is a
+    meta-gradient — it computes the representational dissimilarity matrix: the Euclidean distances between
+    the model's outputs (class probabilities for a classifier) for every pair of stimuli. A device's score
+    is the Pearson correlation of its matrix's upper triangle with θ's; its weight is its example count times
+    max(score, 0). ``rsa:cluster`` first splits the scores into two groups (exact one-dimensional 2-means) and
+    drops the lower group when it holds fewer than half of the devices: the outlier cluster the paper drops.
+
+    GOLF, Cedar's reference code (generic_and_open_learning_federator, function.py ``Cedarsyn``), compares
+    cosine-similarity matrices of softmax outputs over the whole matrix, and its filter zeroes the weights of
+    the *most common* KMeans cluster, keeping the minority: the opposite of what the paper describes and of
+    what an honest majority needs. This follows the paper.
+    """
+
+    def __init__(self, fmodel: FunctionalModel, stimuli: torch.Tensor, step: float, drop_outliers: bool):
+        if stimuli.shape[0] < 3:
+            raise ValueError(f"rsa needs at least 3 stimuli to compare representations, got {stimuli.shape[0]}")
+        self.fmodel, self.stimuli, self.step, self.drop_outliers = fmodel, stimuli, step, drop_outliers
+
+    def dissimilarities(self, params: Params) -> np.ndarray:
+        """The upper triangle of the model's representational dissimilarity matrix on the stimuli."""
+        with torch.no_grad():
+            outputs = self.fmodel.forward(params, self.stimuli).reshape(len(self.stimuli), -1).double()
+        if self.fmodel.objective.class_targets:
+            outputs = torch.softmax(outputs, dim=-1)
+        distances = torch.cdist(outputs, outputs).numpy()
+        return distances[np.triu_indices(len(distances), k=1)]
+
+    def scores(self, theta: Params, updates: Sequence[Params]) -> np.ndarray:
+        reference = self.dissimilarities(theta)
+        scores = []
+        for update in updates:
+            candidate = {name: theta[name] - self.step * update[name].to(theta[name].dtype) for name in theta}
+            scores.append(_pearson(self.dissimilarities(candidate), reference))
+        return np.array(scores)
+
+    def aggregate(self, theta: Params, updates: Sequence[Params], weights: Sequence[float]
+                  ) -> tuple[Params, dict[str, float]]:
+        scores = self.scores(theta, updates)
+        kept = np.ones(len(scores), dtype=bool)
+        if self.drop_outliers:
+            kept = ~_low_minority(scores)
+        combined = np.asarray(weights, dtype=np.float64) * np.clip(scores, 0, None) * kept
+        metrics = {"defense-rsa-score-min": float(scores.min()), "defense-rsa-score-median": float(np.median(scores)),
+                   "defense-dropped": float((~kept).sum())}
+        if not combined.sum() > 0:
+            # No device represents the stimuli as θ does (θ is untrained and says the same for all): the
+            # similarity cannot tell devices apart, so this round is a plain mean.
+            metrics["defense-rsa-fallback"] = 1.0
+            return weighted_mean(updates, weights), metrics
+        chosen = [index for index, weight in enumerate(combined) if weight > 0]
+        return weighted_mean([updates[i] for i in chosen], [float(combined[i]) for i in chosen]), metrics
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    scale = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / scale) if scale > 0 else 0.0
+
+
+def _low_minority(scores: np.ndarray) -> np.ndarray:
+    """Which scores form the lower of the best two-group split (exact 1-D 2-means), where that group holds
+    fewer than half of them; none otherwise."""
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    best, split = np.inf, 0
+    for cut in range(1, len(ordered)):
+        low, high = ordered[:cut], ordered[cut:]
+        cost = ((low - low.mean()) ** 2).sum() + ((high - high.mean()) ** 2).sum()
+        if cost < best:
+            best, split = cost, cut
+    dropped = np.zeros(len(scores), dtype=bool)
+    if 0 < split < len(scores) / 2 and ordered[split] > ordered[split - 1]:
+        dropped[order[:split]] = True
+    return dropped
+
+
+def load_stimuli(config: RunConfig, fmodel: FunctionalModel) -> torch.Tensor:
+    """rsa's stimulus set, checked against the model; ``ConfigError`` naming the problem."""
+    source = config.rsa_stimuli or f"task {config.task_definition.name}'s stimuli()"
+    try:
+        if config.rsa_stimuli:
+            with np.load(Path(config.rsa_stimuli), allow_pickle=False) as archive:
+                values = archive["x"]
+        else:
+            values = config.task_definition.stimuli()
+        stimuli = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        with torch.no_grad():
+            outputs = fmodel.forward(fmodel.init_params(), stimuli)
+    except Exception as error:  # noqa: BLE001 - a user's file or task: one line naming it
+        raise ConfigError("rsa_stimuli", source, f"could not be used: {type(error).__name__}: {error}") from None
+    if not torch.isfinite(stimuli).all() or outputs.shape[0] != stimuli.shape[0]:
+        raise ConfigError("rsa_stimuli", source, "must be finite inputs, one model output each")
+    return stimuli

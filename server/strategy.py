@@ -26,11 +26,17 @@ from flwr.serverapp.strategy import FedAvg
 from metafleet.common.compression import decode
 from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
+from metafleet.common.fleets import functional_model
 from metafleet.common.meta import Params, check_update, global_norm
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
 from metafleet.common.records import from_array_record, to_array_record
 from metafleet.common.selective import sent_reference
-from metafleet.server.defenses import layerwise_aggregate, robust_aggregate
+from metafleet.server.defenses import (
+    RepresentationalSimilarity,
+    layerwise_aggregate,
+    load_stimuli,
+    robust_aggregate,
+)
 from metafleet.server.privacy import PrivacyLedger
 
 log = logging.getLogger("metafleet.server")
@@ -88,6 +94,7 @@ class MetaStrategy(FedAvg):
         self.bytes_down = 0
         self.privacy = PrivacyLedger(config) if config.differential_privacy else None
         self.defense = config.defense_definition
+        self.rsa = rsa_judge(config) if self.defense.kind == "rsa" else None
         self.compression = config.compression
 
     # -- train -------------------------------------------------------------------------------------------
@@ -139,7 +146,9 @@ class MetaStrategy(FedAvg):
             )
             self.last_round.skipped = True
             return None, None
-        if self.config.selective_layers:
+        if self.rsa is not None:
+            aggregate, defense_metrics = self.rsa.aggregate(self.params, updates, weights)
+        elif self.config.selective_layers:
             aggregate, defense_metrics = layerwise_aggregate(updates, weights, self.defense, list(self.reference))
         else:
             aggregate, defense_metrics = robust_aggregate(updates, weights, self.defense)
@@ -306,6 +315,14 @@ class MAMLStrategy(MetaStrategy):
 STRATEGIES: dict[str, type[MetaStrategy]] = {
     cls.algorithm: cls for cls in (FedAvgStrategy, ReptileStrategy, FOMAMLStrategy, MAMLStrategy)
 }
+
+
+def rsa_judge(config: RunConfig) -> RepresentationalSimilarity:
+    """--defense rsa's judge: the model as a function, the stimuli, and how far an update moves θ."""
+    fmodel = functional_model(config)
+    step = 1.0 if config.algorithm in ("fedavg", "reptile") else config.inner_lr
+    drop_outliers = config.defense_definition.parameter > 0
+    return RepresentationalSimilarity(fmodel, load_stimuli(config, fmodel), step, drop_outliers)
 
 
 def make_strategy(config: RunConfig, params: Params) -> MetaStrategy:

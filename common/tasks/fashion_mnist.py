@@ -72,6 +72,18 @@ benchmark = BenchmarkPlan((BenchmarkSetting("20-shot (label skew)", {"shots": 20
                           seeds=(0, 1, 2), common={"eval_every": 20})
 
 
+STIMULI_PER_CLASS = 2
+
+
+def stimuli() -> np.ndarray:
+    """--defense rsa's public stimulus set: the first two test-set images of each class, standardized as the
+    devices' images are. No device holds them: the fleet is dealt from the training set."""
+    images, labels = load_split("test")
+    chosen = np.concatenate([np.flatnonzero(labels == label)[:STIMULI_PER_CLASS] for label in range(NUM_CLASSES)])
+    pixels = images[chosen].astype(np.float32)[:, None] / 255.0
+    return (pixels - PIXEL_MEAN) / PIXEL_STD
+
+
 def make_model(ways: int = 0) -> ConvNet4:
     """ConvNet4 of width 32 with 10 outputs whatever ``ways`` is (uniform episodes keep the 10 original
     labels): 28,650 parameters."""

@@ -27,6 +27,12 @@ benchmark = BenchmarkPlan((BenchmarkSetting("10-shot"),), rounds=100, folds=(0,)
                           common={"clients": 200, "clients_per_round": 25, "inner_steps": 3, "eval_every": 50})
 
 
+def stimuli() -> np.ndarray:
+    """--defense rsa's public stimulus set: 20 evenly spaced points of the input range (devices draw theirs
+    at random)."""
+    return np.linspace(-5.0, 5.0, 20, dtype=np.float32)[:, None]
+
+
 def make_model() -> SinusoidMLP:
     return SinusoidMLP()
 
