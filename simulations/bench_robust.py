@@ -4,7 +4,7 @@
         [--attacks sign-flip,scale] [--fractions 0.2] [--defenses none,median,trimmed-mean,krum,multi-krum,norm-bound]
         [--more-attacks label-flip,noise,backdoor --more-fractions 0.2 --more-defenses none,median,multi-krum]
         [--compress q8,topk:0.1,layers:0.5,q8+layers:0.5] [--seeds 0] [--rounds R] [--algorithm reptile]
-        [--jobs 2] [--set FIELD=VALUE]
+        [--folds 0] [--jobs 2] [--set FIELD=VALUE]
 
 Every run is ``metafleet simulate`` on the in-process backend with the data set's defaults: a clean run,
 each defence without attack (what it costs by itself), each attack at each fraction of attacking training
@@ -28,7 +28,9 @@ from pathlib import Path
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
+from metafleet.common.fleets import split_clients
 from metafleet.common.selective import SELECTIVE_DEFAULT
+from metafleet.simulations.attacks import attackers
 
 
 def _run(config: RunConfig, run_dir: Path) -> None:
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="uplink settings, each run without attack: q8, topk:F, layers[:SHARE] "
                         "(--selective-layers) or two joined by +, as q8+layers:0.5")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--folds", default="0",
+                        help="held-out folds run per seed, pooled (watch holds out 2 of 10 devices a fold)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -99,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set wants FIELD=VALUE with a RunConfig field, got {item!r}")
         common[name] = {"int": int, "float": float}.get(str(fields[name]), str)(value)
     seeds = [int(s) for s in args.seeds.split(",")]
+    folds = [int(f) for f in args.folds.split(",")]
     cases = plan(args)
     runs = []
     for name, overrides in cases:
         for seed in seeds:
-            config = RunConfig.resolve(dataset=args.dataset, algorithm=args.algorithm, seed=seed,
-                                       **({"rounds": args.rounds} if args.rounds else {}), **common, **overrides)
-            slug = name.replace("/", "-").replace("@", "-").replace(" ", "-").replace(":", "").replace("+", "-")
-            runs.append((name, seed, config, args.out / "runs" / f"{slug}-seed{seed}"))
+            for fold in folds:
+                config = RunConfig.resolve(dataset=args.dataset, algorithm=args.algorithm, seed=seed, fold=fold,
+                                           **({"rounds": args.rounds} if args.rounds else {}), **common, **overrides)
+                slug = name.replace("/", "-").replace("@", "-").replace(" ", "-").replace(":", "").replace("+", "-")
+                suffix = f"-fold{fold}" if fold else ""
+                runs.append((name, seed, config, args.out / "runs" / f"{slug}-seed{seed}{suffix}"))
     pending = [(config, run_dir) for _, _, config, run_dir in runs if not (run_dir / "summary.json").is_file()]
     print(f"bench_robust: {len(runs)} runs, {len(pending)} to do, {args.jobs} at a time", file=sys.stderr)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -129,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                 backdoor[step] += final.get(f"clients-backdoor-step-{step}", [])
             summary = json.loads((run_dir / "summary.json").read_text())
             bytes_up.append(summary["bytes_up"] / max(1, summary["rounds_completed"]))
-        row = {"case": name, "seeds": seeds, "devices": len(pooled[steps[0]]),
+        counts = sorted({(len(attackers(config)), len(split_clients(config)[0])) for config, _ in chosen})
+        row = {"case": name, "seeds": seeds, "folds": folds, "devices": len(pooled[steps[0]]),
+               "attacking_devices": [f"{count} of {total}" for count, total in counts],
                "bytes_up_per_round": sum(bytes_up) / len(bytes_up),
                "mean": {step: mean_and_ci95(pooled[step])[0] for step in steps},
                "ci95": {step: mean_and_ci95(pooled[step])[1] for step in steps}}
@@ -140,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     last = steps[-1]
     clean = table[0]
     lines = [f"# {args.dataset}, {args.algorithm}: held-out personalization after {last} steps "
-             f"(mean ± 95 % CI over {clean['devices']} held-out devices, seeds {args.seeds})", "",
-             f"| case | after 0 steps | after {last} steps | vs clean | bytes up / round | backdoor success |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"(mean ± 95 % CI over {clean['devices']} held-out devices, seeds {args.seeds}, folds {args.folds})", "",
+             f"| case | attackers | after 0 steps | after {last} steps | vs clean | bytes up / round "
+             "| backdoor success |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in table:
         success = row.get("backdoor_success", {}).get(last)
-        lines.append(f"| {row['case']} | {scale * row['mean'][0]:.1f} ± {scale * row['ci95'][0]:.1f} | "
+        lines.append(f"| {row['case']} | {', '.join(row['attacking_devices'])} | "
+                     f"{scale * row['mean'][0]:.1f} ± {scale * row['ci95'][0]:.1f} | "
                      f"{scale * row['mean'][last]:.1f} ± {scale * row['ci95'][last]:.1f} | "
                      f"{scale * (row['mean'][last] - clean['mean'][last]):+.1f} | {row['bytes_up_per_round']:,.0f} | "
                      f"{'' if success is None else f'{100 * success:.1f}'} |")
