@@ -42,13 +42,13 @@ from metafleet.common.data import ClientData, Fleet
 from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
 from metafleet.common.fleets import functional_model, make_fleet, split_clients
-from metafleet.common.meta import FunctionalModel, Params, check_update, global_norm
+from metafleet.common.meta import FunctionalModel, LocalUpdate, Params, check_update, global_norm
 from metafleet.common.privacy import clip_to_norm, clip_values, distributed_dp_share
 from metafleet.common.records import KEEP_MODEL_ACTION, from_array_record, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR, MASK_GENERATOR_KEY, bind
 from metafleet.common.selective import SENT_KEY, select_layers, sent_flags
 from metafleet.common.task import fingerprint
-from metafleet.common.training import client_personalization, client_train
+from metafleet.common.training import client_personalization, client_train, training_rng
 
 log = logging.getLogger("metafleet.client")
 CPU = torch.device("cpu")
@@ -284,9 +284,10 @@ Tamper = Callable[[Params], Params]
 
 
 def train_reply(msg: Message, context: Context, device: Device, data: ClientData | None = None,
-                tamper: Tamper | None = None) -> Message:
+                tamper: Tamper | None = None, update: LocalUpdate | None = None) -> Message:
     """The train handler's work: the local update from the received θ, checked, clipped where the run says
-    so, compressed where it says so (plain path), and packed for the plain or the secure (SecAgg+) path."""
+    so, compressed where it says so (plain path), and packed for the plain or the secure (SecAgg+) path.
+    ``update``: the local update, computed already (the vectorized simulation computes many at once)."""
     start = time.perf_counter()
     if device.held_out:
         raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
@@ -298,8 +299,9 @@ def train_reply(msg: Message, context: Context, device: Device, data: ClientData
         )
     params = device.received_params(msg)
     server_round = int(msg.content[LEGACY_CONFIG if secure else "config"]["server-round"])
-    rng = np.random.default_rng([device.config.seed, server_round, device.client_id])
-    update = client_train(device.fmodel, device.on_device(params), data or device.data, device.config, rng)
+    if update is None:
+        rng = training_rng(device.config, server_round, device.client_id)
+        update = client_train(device.fmodel, device.on_device(params), data or device.data, device.config, rng)
     # A warning: flwr-clientapp configures no logging for metafleet, so an info line would never show.
     log.warning("client %d: train took %.2f s", device.client_id, time.perf_counter() - start)
     # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum

@@ -149,7 +149,8 @@ def prototype_head(fmodel: FunctionalModel, params: Params, support: Batch) -> P
     x, y = support
     embeddings = fmodel.embed(params, x)
     ways = params["head.weight"].shape[0]
-    members = F.one_hot(y, ways).to(embeddings.dtype)  # (examples, ways)
+    # A comparison, not F.one_hot: one_hot reads its input's values on the host, which vmap cannot batch.
+    members = (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(embeddings.dtype)  # (examples, ways)
     counts = members.sum(0)
     prototypes = (members.T @ embeddings) / counts.clamp(min=1).unsqueeze(1)
     bias = torch.where(counts > 0, -(prototypes**2).sum(1), torch.full_like(counts, _ABSENT_CLASS_BIAS))

@@ -15,6 +15,7 @@ import torch
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
 from metafleet.common.meta import (
+    Episode,
     FunctionalModel,
     LocalUpdate,
     Params,
@@ -45,9 +46,18 @@ def client_train(
     """One client's work in one round: sample an episode from its data, run the algorithm's local update.
 
     The episode goes to the device ``params`` live on (a Jetson's GPU, say); the data stays where it is."""
-    episode = client.sample_episode(rng, config.training_shots, config.query_shots, config.training_ways or None)
-    episode = episode.to(params_device(params))
+    episode = training_episode(client, config, rng).to(params_device(params))
     return local_update(config.algorithm, fmodel, params, episode, config.inner_steps, config.inner_lr)
+
+
+def training_rng(config: RunConfig, server_round: int, client_id: int) -> np.random.Generator:
+    """A device's randomness in a training round: the same on every backend, so that they agree."""
+    return np.random.default_rng([config.seed, server_round, client_id])
+
+
+def training_episode(client: ClientData, config: RunConfig, rng: np.random.Generator) -> Episode:
+    """The episode a client trains on in a round (``rng``: ``training_rng``)."""
+    return client.sample_episode(rng, config.training_shots, config.query_shots, config.training_ways or None)
 
 
 def client_personalization(

@@ -148,12 +148,15 @@ class AttackingClientApp(ClientApp):
     """metafleet's ClientApp, with the run's attackers (``attackers(config)``) poisoned as the run's
     ``attack`` says; every other device, and every other message, is metafleet's ClientApp unchanged."""
 
+    @staticmethod
+    def is_attacker(context: Context) -> bool:
+        device = Device(context)
+        return not device.held_out and device.client_id in attackers(device.config)
+
     def __call__(self, message: Message, context: Context) -> Message:
         kind = message.metadata.message_type
-        if kind == MessageType.TRAIN:
-            device = Device(context)
-            if not device.held_out and device.client_id in attackers(device.config):
-                return secure_aggregation_mod(message, context, self._attack)
+        if kind == MessageType.TRAIN and self.is_attacker(context):
+            return secure_aggregation_mod(message, context, self._attack)
         reply = client_module.app(message, context)
         if kind == MessageType.EVALUATE and not reply.has_error():
             device = Device(context)

@@ -17,7 +17,7 @@ from metafleet.common.errors import MetafleetError
 from metafleet.server.report import print_summary
 from metafleet.server.rundir import start_or_resume
 
-BACKENDS = ("ray", "inprocess")
+BACKENDS = ("ray", "inprocess", "vectorized")
 RAY_REPLY_POLL_SECONDS = 0.02  # the in-memory LinkState answers a pull in microseconds
 
 
@@ -35,7 +35,9 @@ def simulate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS, default="ray",
                         help="ray: Flower's Simulation Engine, devices as Ray workers (default); inprocess: the same "
                         "ServerApp and ClientApp exchanging serialized messages in this process, one device at a time "
-                        "(no Ray start-up or polling: faster for small models and long runs)")
+                        "(no Ray start-up or polling: faster for small models and long runs); vectorized: the "
+                        "in-process ServerApp, with each round's training computed for all its devices at once "
+                        "(torch.func.vmap; no SecAgg+)")
     parser.add_argument("--torch-device", metavar="DEVICE",
                         help="where simulated devices compute: cpu (default) or cuda (sets $METAFLEET_TORCH_DEVICE)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
@@ -78,6 +80,10 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
 
     if torch_device:
         resolve_torch_device(torch_device)  # one clear error now, not one per device later
+    if backend == "vectorized":
+        from metafleet.simulations.vectorized import check_vectorizable
+
+        check_vectorizable(config)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     from metafleet.client.app import app as client_app
@@ -117,12 +123,14 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
     else:
         from metafleet.server.app import run_meta_training
         from metafleet.simulations.inprocess import InProcessGrid, device_contexts
+        from metafleet.simulations.vectorized import VectorizedGrid
 
         if not verbose:  # every device's per-message timing line would share this console
             logging.getLogger("metafleet.client").setLevel(logging.ERROR)
         # The ServerApp's own entry point on a grid whose devices are the ClientApp in this process.
         node_config = {TORCH_DEVICE_KEY: torch_device} if torch_device else None
-        grid = InProcessGrid(client_app, device_contexts(config.to_run_config(), range(config.clients), node_config))
+        grid_class = VectorizedGrid if backend == "vectorized" else InProcessGrid
+        grid = grid_class(client_app, device_contexts(config.to_run_config(), range(config.clients), node_config))
         run_meta_training(grid, run_config)
     summary_file = out / "summary.json"
     if not summary_file.is_file():

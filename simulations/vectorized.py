@@ -1,0 +1,92 @@
+"""``metafleet simulate --backend vectorized``: the in-process grid, with a round's training computed for all
+its devices at once.
+
+The server is the ServerApp's own code on this grid (``run_meta_training``): sampling, reply validation,
+aggregation, defences, the outer optimizer, checkpoints, resume and the run directory are not
+reimplemented. Only the devices' side of a training round changes: instead of one ClientApp call per
+message, every sampled device's episode is drawn exactly as its ClientApp would draw it
+(``training_rng``, ``training_episode``), the local updates of same-shaped episodes are computed together
+(``metafleet.common.vectorized``, ``torch.func.vmap``), and each device's reply is then packed by the
+ClientApp's own ``train_reply`` (its checks, clipping and compression), without serializing the messages.
+Discovery, evaluation and attacking devices go through the real ClientApp, as on the in-process backend.
+SecAgg+ needs the message exchange of its four stages: it stays on the ray and inprocess backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Error, Message, MessageType
+
+from metafleet.client.app import Device, train_reply
+from metafleet.common.config import RunConfig
+from metafleet.common.errors import MetafleetError
+from metafleet.common.records import from_array_record
+from metafleet.common.training import training_episode, training_rng
+from metafleet.common.vectorized import batched_updates
+from metafleet.simulations.inprocess import InProcessGrid, stage_of
+
+
+def check_vectorizable(config: RunConfig) -> None:
+    """One line for what this backend cannot run."""
+    if config.secure_aggregation:
+        raise MetafleetError("--backend vectorized computes devices without messages, and SecAgg+ is a message "
+                             "protocol: run secure aggregation with --backend inprocess or ray")
+
+
+@dataclass
+class VectorizedGrid(InProcessGrid):
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        batched, others = [], []
+        for message in messages:
+            plain_train = message.metadata.message_type == MessageType.TRAIN and stage_of(message) is None
+            (batched if plain_train and not self._attacks(message) else others).append(message)
+        replies = list(super().send_and_receive(others, timeout=timeout)) if others else []
+        return replies + self._train(batched)
+
+    def _attacks(self, message: Message) -> bool:
+        # A simulated attacker's work is its own (poisoned data, tampering): the attacking ClientApp does it.
+        attacking = getattr(self.client_app, "is_attacker", None)
+        return attacking is not None and attacking(self.contexts[message.metadata.dst_node_id])
+
+    def _train(self, messages: list[Message]) -> list[Message]:
+        if not messages:
+            return []
+        devices, episodes, failed = [], [], []
+        for message in messages:
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                device = Device(context)
+                if device.held_out:
+                    raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
+                server_round = int(message.content["config"]["server-round"])
+                rng = training_rng(device.config, server_round, device.client_id)
+                episodes.append(training_episode(device.data, device.config, rng).to(device.torch_device))
+                devices.append((message, context, device))
+            except Exception as error:  # noqa: BLE001 - as Flower's runtime: an error reply, the round goes on
+                failed.append(_error_reply(message, error))
+        # configure_train sends one θ record to every device of a round: computed together per record.
+        by_theta: dict[int, list[int]] = {}
+        for index, (message, _, _) in enumerate(devices):
+            by_theta.setdefault(id(message.content["arrays"]), []).append(index)
+        replies = []
+        for members in by_theta.values():
+            first = devices[members[0]]
+            config, fmodel = first[2].config, first[2].fmodel
+            params = {name: t.to(first[2].torch_device) for name, t in
+                      from_array_record(first[0].content["arrays"]).items()}
+            updates = batched_updates(config.algorithm, fmodel, params, [episodes[i] for i in members],
+                                      config.inner_steps, config.inner_lr)
+            for index, update in zip(members, updates, strict=True):
+                message, context, device = devices[index]
+                try:
+                    replies.append(train_reply(message, context, device, update=update))
+                except Exception as error:  # noqa: BLE001
+                    replies.append(_error_reply(message, error))
+        return replies + failed
+
+
+def _error_reply(message: Message, error: Exception) -> Message:
+    return Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)

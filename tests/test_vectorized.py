@@ -1,0 +1,97 @@
+"""--backend vectorized: a round's devices computed together, with the in-process backend's results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metafleet.common.config import RunConfig
+from metafleet.common.errors import MetafleetError
+from metafleet.common.fleets import functional_model, make_fleet
+from metafleet.common.meta import ALGORITHMS, Episode, local_update
+from metafleet.common.training import training_episode, training_rng
+from metafleet.common.vectorized import batched_updates
+from metafleet.simulations.cli import simulate
+
+SMALL = dict(dataset="sinusoid", clients=30, held_out_clients=5, clients_per_round=8, rounds=3, eval_every=3)
+
+
+def _episodes(config: RunConfig, count: int, dtype=None) -> list[Episode]:
+    fleet = make_fleet(config)
+    episodes = [training_episode(fleet.client(i), config, training_rng(config, 1, i)) for i in range(count)]
+    if dtype is None:
+        return episodes
+    return [Episode((e.support[0].to(dtype), e.support[1]), (e.query[0].to(dtype), e.query[1])) for e in episodes]
+
+
+@pytest.mark.parametrize("head_init", ["learned", "prototypes"])
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_batched_updates_are_each_device_s_own_update_in_float64(algorithm, head_init):
+    config = RunConfig.resolve(dataset="fashion-mnist", algorithm=algorithm, head_init=head_init, inner_steps=2,
+                               shots=5, query_shots=5)
+    fmodel = functional_model(config)
+    fmodel.module.double()
+    fmodel.buffers = {name: b.double() for name, b in fmodel.buffers.items()}
+    params = {name: t.double() for name, t in fmodel.init_params().items()}
+    episodes = _episodes(config, 2, torch.float64)
+    single = [local_update(algorithm, fmodel, params, e, config.inner_steps, config.inner_lr) for e in episodes]
+    batched = batched_updates(algorithm, fmodel, params, episodes, config.inner_steps, config.inner_lr)
+    for one, many in zip(single, batched, strict=True):
+        assert one.num_examples == many.num_examples
+        for name in one.pseudo_grad:
+            torch.testing.assert_close(many.pseudo_grad[name], one.pseudo_grad[name], rtol=1e-9, atol=1e-11)
+        for key in one.metrics:
+            assert many.metrics[key] == pytest.approx(one.metrics[key], rel=1e-9)
+
+
+def test_devices_whose_episodes_differ_in_shape_are_computed_apart():
+    config = RunConfig.resolve(dataset="sinusoid", algorithm="reptile")
+    fmodel = functional_model(config)
+    params = fmodel.init_params()
+    episodes = _episodes(config, 3)
+    short = Episode((episodes[2].support[0][:4], episodes[2].support[1][:4]), episodes[2].query)
+    episodes[2] = short
+    batched = batched_updates("reptile", fmodel, params, episodes, config.inner_steps, config.inner_lr)
+    alone = local_update("reptile", fmodel, params, short, config.inner_steps, config.inner_lr)
+    torch.testing.assert_close(batched[2].pseudo_grad["net.0.weight"], alone.pseudo_grad["net.0.weight"])
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_the_vectorized_backend_gives_the_in_process_backend_s_metrics(tmp_path, algorithm):
+    config = RunConfig.resolve(**SMALL, algorithm=algorithm)
+    simulate(config, tmp_path / "inprocess", backend="inprocess")
+    summary = simulate(config, tmp_path / "vectorized", backend="vectorized")
+    assert summary["rounds_completed"] == 3 and summary["bytes_up"] > 0
+    reference, rows = _rows(tmp_path / "inprocess"), _rows(tmp_path / "vectorized")
+    assert [(r["round"], r["phase"]) for r in rows] == [(r["round"], r["phase"]) for r in reference]
+    compared = 0
+    for ours, theirs in zip(rows, reference, strict=True):
+        for key, value in theirs.items():
+            if key.startswith(("loss-", "mean-")) and isinstance(value, float):
+                assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (ours["round"], key)
+                compared += 1
+    assert compared >= 10
+    final = [torch.load(sorted((tmp_path / b / "checkpoints").glob("*.pt"))[-1], weights_only=False)["params"]
+             for b in ("inprocess", "vectorized")]
+    for name in final[0]:
+        torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_attackers_and_defences_run_on_the_vectorized_backend_as_in_process(tmp_path):
+    config = RunConfig.resolve(**SMALL, algorithm="reptile", attack="sign-flip", attackers=0.2, defense="median")
+    simulate(config, tmp_path / "inprocess", backend="inprocess")
+    simulate(config, tmp_path / "vectorized", backend="vectorized")
+    last = [[r for r in _rows(tmp_path / b) if r["phase"] == "evaluate"][-1] for b in ("inprocess", "vectorized")]
+    assert last[1]["mean-step-0"] == pytest.approx(last[0]["mean-step-0"], rel=1e-4)
+
+
+def test_the_vectorized_backend_refuses_secure_aggregation_in_one_line(tmp_path):
+    config = RunConfig.resolve(**SMALL, algorithm="reptile", secure_aggregation=True)
+    with pytest.raises(MetafleetError, match="SecAgg\\+ is a message protocol"):
+        simulate(config, tmp_path / "run", backend="vectorized")
