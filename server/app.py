@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from metafleet.common.config import SERVER_OPTION_DEFAULTS, RunConfig
 from metafleet.common.errors import MetafleetError
-from metafleet.common.fleets import make_model
+from metafleet.common.fleets import make_model, split_clients
 from metafleet.common.records import KEEP_MODEL_ACTION, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR
 from metafleet.common.task import fingerprint
@@ -210,6 +210,19 @@ def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_secon
 
     A node whose model's fingerprint (parameter names, shapes, dtypes) differs from the server's runs another
     model: it is refused, and the run goes on with the others."""
+    known = getattr(grid, "simulated_identities", lambda: None)()
+    if known is not None:
+        # A simulation that builds every device from the run's own config and code (the vectorized backend)
+        # knows each node's client id from its node config: 100,000 query messages would tell nothing more.
+        held_out = set(split_clients(strategy.config)[1])
+        ordered = sorted((client_id, node) for node, client_id in known.items())
+        strategy.training_nodes = [node for client_id, node in ordered if client_id not in held_out]
+        strategy.held_out_nodes = [node for client_id, node in ordered if client_id in held_out]
+        if not strategy.training_nodes:
+            raise MetafleetError("no training client in the simulated fleet; nothing to train on")
+        log.info("fleet: %d training nodes, %d held-out nodes", len(strategy.training_nodes),
+                 len(strategy.held_out_nodes))
+        return
     deadline = time.monotonic() + wait_seconds
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < expected and time.monotonic() < deadline:

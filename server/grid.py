@@ -54,6 +54,12 @@ class _DelegatingGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
+    def simulated_identities(self) -> dict[int, int] | None:
+        """Node id → client id where the wrapped grid simulates its devices and knows them (the vectorized
+        backend); None where only asking the nodes tells."""
+        known = getattr(self._grid, "simulated_identities", None)
+        return known() if known is not None else None
+
 
 class MeteredGrid(_DelegatingGrid):
     def __init__(self, grid: Grid):

@@ -7,7 +7,7 @@ whose devices would not fit this machine as Ray workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -31,7 +31,7 @@ def stage_of(message: Message) -> str | None:
 @dataclass
 class InProcessGrid(Grid):
     client_app: ClientApp
-    contexts: dict[int, Context]  # node id -> the node's context (its state persists between messages)
+    contexts: Mapping[int, Context]  # node id -> the node's context (its state persists between messages)
     vanish_at: dict[int, str] = field(default_factory=dict)  # node id -> stage from which it never answers
     replies: list[Message] = field(default_factory=list)  # every reply a client sent, for inspection
 
@@ -90,14 +90,39 @@ def _over_the_wire(message: Message) -> Message:
     return message_from_proto(message_to_proto(message))
 
 
-def device_contexts(run_config: dict, client_ids: Iterable[int], node_config: dict | None = None) -> dict[int, Context]:
+def device_contexts(run_config: dict, client_ids: Iterable[int], node_config: dict | None = None) -> DeviceContexts:
     """One device per entry of ``client_ids`` (an id may repeat: devices sharing a client's data), with node
     id 1000 + position, so that node and client ids cannot be confused."""
-    return {
-        1000 + position: Context(
-            run_id=RUN_ID, node_id=1000 + position,
-            node_config={"partition-id": cid, "num-partitions": 0, **(node_config or {})},
-            state=RecordDict(), run_config=dict(run_config),
-        )
-        for position, cid in enumerate(client_ids)
-    }
+    return DeviceContexts(run_config, list(client_ids), node_config)
+
+
+class DeviceContexts(Mapping[int, Context]):
+    """Node id → the simulated device's Context, each made when the device is first addressed and kept (its
+    state persists between messages). A fleet of 100,000 then costs only the devices a run reaches, and the
+    devices share one copy of the run config."""
+
+    def __init__(self, run_config: dict, client_ids: list[int], node_config: dict | None = None):
+        self._run_config, self._client_ids, self._node_config = dict(run_config), client_ids, node_config or {}
+        self._made: dict[int, Context] = {}
+
+    def __getitem__(self, node: int) -> Context:
+        context = self._made.get(node)
+        if context is None:
+            position = node - 1000
+            if not 0 <= position < len(self._client_ids):
+                raise KeyError(node)
+            context = Context(run_id=RUN_ID, node_id=node, state=RecordDict(), run_config=self._run_config,
+                              node_config={"partition-id": self._client_ids[position], "num-partitions": 0,
+                                           **self._node_config})
+            self._made[node] = context
+        return context
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(1000, 1000 + len(self._client_ids)))
+
+    def __len__(self) -> int:
+        return len(self._client_ids)
+
+    def client_ids(self) -> dict[int, int]:
+        """Node id → client id, without making any Context."""
+        return {1000 + position: client_id for position, client_id in enumerate(self._client_ids)}

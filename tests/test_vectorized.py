@@ -95,3 +95,28 @@ def test_the_vectorized_backend_refuses_secure_aggregation_in_one_line(tmp_path)
     config = RunConfig.resolve(**SMALL, algorithm="reptile", secure_aggregation=True)
     with pytest.raises(MetafleetError, match="SecAgg\\+ is a message protocol"):
         simulate(config, tmp_path / "run", backend="vectorized")
+
+
+def test_a_large_simulated_fleet_makes_only_the_devices_it_reaches(tmp_path):
+    from metafleet.client.app import app
+    from metafleet.server.app import run_meta_training
+    from metafleet.simulations.inprocess import device_contexts
+    from metafleet.simulations.vectorized import VectorizedGrid
+
+    config = RunConfig.resolve(dataset="sinusoid", algorithm="reptile", clients=50_000, held_out_clients=10,
+                               clients_per_round=20, rounds=2, eval_every=2)
+    contexts = device_contexts(config.to_run_config(), range(config.clients))
+    grid = VectorizedGrid(app, contexts)
+    run_meta_training(grid, {**config.to_run_config(), "out-dir": str(tmp_path / "run"), "resume": False})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["personalization"]["clients_reporting"] == 10
+    # Discovery asked no node: the held-out devices, two rounds' samples and the load check were all it made.
+    assert len(contexts._made) <= 10 + 2 * 20 + 1
+    assert not any(reply.metadata.message_type == "query" for reply in grid.replies)
+
+
+def test_a_vectorized_fleet_that_cannot_load_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAFLEET_FASHION_MNIST_DIR", str(tmp_path))  # holds no Fashion-MNIST files
+    config = RunConfig.resolve(dataset="fashion-mnist", algorithm="reptile", clients=37, rounds=1)
+    with pytest.raises(MetafleetError, match="simulated device 0 cannot load its data: .*fashion"):
+        simulate(config, tmp_path / "run", backend="vectorized")
