@@ -1,20 +1,25 @@
 """Fleet size: rounds per minute and memory of ``metafleet simulate`` with thousands of simulated clients.
 
-    python -m metafleet.simulations.bench_fleet --out bench-out/fleet.json
+    python -m metafleet.simulations.bench_fleet --out bench-out/fleet.json \
+        [--backends ray,inprocess,vectorized] [--clients 1000,10000,100000] [--dataset sinusoid|watch]
 
-For each fleet size N, runs ``metafleet simulate --dataset sinusoid --algorithm reptile --clients N
---clients-per-round 100`` in its own process tree and reports:
+For each backend and fleet size N, runs ``metafleet simulate --dataset sinusoid --algorithm reptile
+--clients N --clients-per-round 100 --backend B`` in its own process tree and reports:
 
 - start-up: process start until the ServerApp runs (imports; Ray starts meanwhile);
 - discovery: the server's one ``query`` message to every node (who are you, training or held out), sent in
   batches of ``server.app.DISCOVERY_BATCH``, with the replies it got back;
 - the round-0 evaluation (held-out clients personalize the untrained model) and the final one, timed apart;
+- seconds from the process's start to its first training round;
 - steady-state rounds per minute: from the interval between the starts of consecutive training rounds,
   rounds 2..R-1 (round 1 carries the Ray workers' first calls, round R the final evaluation);
 - peak memory of the whole process tree (Ray's GCS, raylet and workers included), sampled every 0.5 s from
   /proc: the sum of RSS, and the sum of PSS, which counts a page shared by several processes once.
 
-The run is killed, with every descendant, at ``--timeout``; whatever it reached is still reported.
+The run is killed, with every descendant, at ``--timeout``; whatever it reached is still reported. Each
+backend's rounds per minute is also given as a ratio to the ray backend's (Flower's Simulation Engine) at
+the same fleet size, measured in the same invocation. ``--dataset watch`` runs the watch fleet (its 10
+subjects) instead, 8 a round.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ def child_simulate(events_file: str, discovery_batch: str, simulate_args: list[s
 
 
 def measure(clients: int, clients_per_round: int, rounds: int, timeout: float,
-            discovery_batch: int | None = None) -> dict[str, Any]:
+            discovery_batch: int | None = None, backend: str = "ray", dataset: str = "sinusoid",
+            held_out_clients: int | None = None) -> dict[str, Any]:
     samples: list[list[float]] = []
 
     def sample(pid: int) -> None:
@@ -73,9 +79,11 @@ def measure(clients: int, clients_per_round: int, rounds: int, timeout: float,
 
     with tempfile.TemporaryDirectory(prefix="metafleet-bench-fleet-") as work:
         events_file, run_dir = Path(work, "events.jsonl"), Path(work, "run")
-        args = ["--dataset", "sinusoid", "--algorithm", "reptile", "--clients", str(clients),
+        args = ["--dataset", dataset, "--algorithm", "reptile", "--clients", str(clients),
                 "--clients-per-round", str(clients_per_round), "--rounds", str(rounds),
-                "--eval-every", str(rounds + 1), "--out", str(run_dir)]
+                "--eval-every", str(rounds + 1), "--out", str(run_dir), "--backend", backend]
+        if held_out_clients:
+            args += ["--held-out-clients", str(held_out_clients)]
         load_before = load_average()
         child = run_child(["-m", "metafleet.simulations.bench_fleet", "--child", str(events_file),
                            str(discovery_batch or "default"), *args],
@@ -107,7 +115,10 @@ def measure(clients: int, clients_per_round: int, rounds: int, timeout: float,
 
     median_period = median(periods)
     return {
+        "backend": backend,
+        "dataset": dataset,
         "clients": clients,
+        "first_round_start_s": rounds_started - started if rounds_started else None,
         "clients_per_round": clients_per_round,
         "rounds": rounds,
         "ok": child["returncode"] == 0 and not child["timed_out"],
@@ -159,35 +170,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per fleet size, then the tree is killed")
     parser.add_argument("--discovery-batch", type=int, help="override the server's DISCOVERY_BATCH (experiments)")
+    parser.add_argument("--backends", default="ray", help="comma-separated: ray, inprocess, vectorized")
+    parser.add_argument("--dataset", choices=["sinusoid", "watch"], default="sinusoid")
+    parser.add_argument("--held-out-clients", type=int, help="held-out clients (default: the data set's)")
     args = parser.parse_args(argv)
+    if args.dataset == "watch":
+        args.clients, args.clients_per_round = "10", min(args.clients_per_round, 8)
     if args.rounds < 3:
         parser.error("--rounds must be >= 3: round 1 and round R are left out of the steady state")
 
     rows = []
-    print(f"{'clients':>7} {'startup s':>9} {'discovery s':>11} {'replies':>11} {'eval0 s':>7} {'round s':>7} "
+    print(f"{'backend':>10} {'clients':>7} {'startup s':>9} {'discovery s':>11} {'replies':>11} {'eval0 s':>7} "
+          f"{'1st round s':>11} {'round s':>7} "
           f"{'rounds/min':>10} {'final eval s':>12} {'peak RSS MB':>11} {'peak PSS MB':>11} {'procs':>5} "
           f"{'load before->after':>20}")
     for clients in [int(n) for n in args.clients.split(",")]:
-        row = measure(clients, args.clients_per_round, args.rounds, args.timeout, args.discovery_batch)
-        rows.append(row)
-        replies = "-" if row["query_sent"] is None else f"{row['query_replies']}/{row['query_sent']}"
-        print(f"{clients:>7} {_fmt(row['startup_s']):>9} {_fmt(row['discovery_s']):>11} {replies:>11} "
-              f"{_fmt(row['initial_evaluation_s']):>7} {_fmt(row['median_round_s'], 2):>7} "
-              f"{_fmt(row['rounds_per_minute']):>10} "
-              f"{_fmt(row['final_evaluation_s']):>12} {_fmt(row['peak_rss_mb'], 0):>11} "
-              f"{_fmt(row['peak_pss_mb'], 0):>11} "
-              f"{_fmt(row['max_processes'], 0):>5} {str(row['load_before']) + '->' + str(row['load_after']):>20}"
-              + ("" if row["ok"] else ("  TIMED OUT" if row["timed_out"] else "  FAILED")), flush=True)
-        if not row["ok"]:
-            print(row["output_tail"], file=sys.stderr)
+        for backend in args.backends.split(","):
+            row = measure(clients, args.clients_per_round, args.rounds, args.timeout, args.discovery_batch,
+                          backend, args.dataset, args.held_out_clients)
+            rows.append(row)
+            _print_row(row)
+    for row in rows:
+        ray = next((r for r in rows if r["backend"] == "ray" and r["clients"] == row["clients"]), None)
+        if ray and ray["rounds_per_minute"] and row["rounds_per_minute"]:
+            row["rounds_per_minute_vs_ray"] = row["rounds_per_minute"] / ray["rounds_per_minute"]
+            print(f"{row['backend']} at {row['clients']} clients: {row['rounds_per_minute_vs_ray']:.1f}x the "
+                  "ray backend's rounds per minute")
     from metafleet.server.app import DISCOVERY_BATCH
 
-    result = {"benchmark": "fleet", "cpus": os.cpu_count(), "dataset": "sinusoid", "algorithm": "reptile",
+    result = {"benchmark": "fleet", "cpus": os.cpu_count(), "dataset": args.dataset, "algorithm": "reptile",
               "discovery_batch": args.discovery_batch or DISCOVERY_BATCH, "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return 0 if all(row["ok"] for row in rows) else 1
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    replies = "-" if row["query_sent"] is None else f"{row['query_replies']}/{row['query_sent']}"
+    print(f"{row['backend']:>10} {row['clients']:>7} {_fmt(row['startup_s']):>9} {_fmt(row['discovery_s']):>11} "
+          f"{replies:>11} {_fmt(row['initial_evaluation_s']):>7} {_fmt(row['first_round_start_s']):>11} "
+          f"{_fmt(row['median_round_s'], 2):>7} {_fmt(row['rounds_per_minute']):>10} "
+          f"{_fmt(row['final_evaluation_s']):>12} {_fmt(row['peak_rss_mb'], 0):>11} {_fmt(row['peak_pss_mb'], 0):>11} "
+          f"{_fmt(row['max_processes'], 0):>5} {str(row['load_before']) + '->' + str(row['load_after']):>20}"
+          + ("" if row["ok"] else ("  TIMED OUT" if row["timed_out"] else "  FAILED")), flush=True)
+    if not row["ok"]:
+        print(row["output_tail"], file=sys.stderr)
 
 
 if __name__ == "__main__":
