@@ -32,6 +32,10 @@ def simulate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="run directory (default runs/DATASET-ALGORITHM-TIME)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources per simulated device")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="run the devices on an existing Ray cluster (its head's address, from `ray start --head`) "
+                        "instead of a Ray started here; every node needs the same metafleet, task and data "
+                        "(docs/ray-cluster.md)")
     parser.add_argument("--backend", choices=BACKENDS, default="ray",
                         help="ray: Flower's Simulation Engine, devices as Ray workers (default); inprocess: the same "
                         "ServerApp and ClientApp exchanging serialized messages in this process, one device at a time "
@@ -48,7 +52,8 @@ def simulate_command(argv: list[str]) -> int:
     args = simulate_parser().parse_args(argv)
     config, out = start_or_resume(args.resume, args.out, lambda: config_from_arguments(args))
     summary = simulate(config, Path(out), resume=bool(args.resume), cpus_per_client=args.cpus_per_client,
-                       verbose=args.verbose, backend=args.backend, torch_device=args.torch_device)
+                       verbose=args.verbose, backend=args.backend, torch_device=args.torch_device,
+                       ray_address=args.ray_address)
     print_summary(summary)
     return 0
 
@@ -72,10 +77,14 @@ def _environment(name: str, value: str | None) -> Iterator[None]:
 
 
 def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client: float = 1.0,
-             verbose: bool = False, backend: str = "ray", torch_device: str | None = None) -> dict:
-    """Run the fleet in this process; returns summary.json's content."""
+             verbose: bool = False, backend: str = "ray", torch_device: str | None = None,
+             ray_address: str | None = None) -> dict:
+    """Run the fleet in this process (its devices on a Ray cluster's nodes with ``ray_address``); returns
+    summary.json's content."""
     if backend not in BACKENDS:
         raise MetafleetError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if ray_address and backend != "ray":
+        raise MetafleetError(f"--ray-address runs devices on a Ray cluster: it needs --backend ray, not {backend}")
     from metafleet.client.app import TORCH_DEVICE_ENV, TORCH_DEVICE_KEY, resolve_torch_device
 
     if torch_device:
@@ -119,7 +128,7 @@ def simulate(config: RunConfig, out: Path, resume: bool = False, cpus_per_client
         path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), os.getcwd()) if p)
         with _environment(TORCH_DEVICE_ENV, torch_device), _environment("PYTHONPATH", path):
             run_in_simulation(server_app, client_app, run_config, num_supernodes=config.clients,
-                              cpus_per_client=cpus_per_client, verbose=verbose)
+                              cpus_per_client=cpus_per_client, verbose=verbose, ray_address=ray_address)
     else:
         from metafleet.server.app import run_meta_training
         from metafleet.simulations.inprocess import InProcessGrid, device_contexts

@@ -47,8 +47,10 @@ def run_in_simulation(
     cpus_per_client: float = 1.0,
     total_cpus: int | None = None,
     verbose: bool = False,
+    ray_address: str | None = None,
 ) -> Context:
-    """Run to completion; returns the ServerApp's context. Ray is shut down before this returns."""
+    """Run to completion; returns the ServerApp's context. Ray is shut down before this returns (with
+    ``ray_address``, an existing cluster's: this process disconnects and the cluster stays up)."""
     with tempfile.TemporaryDirectory(prefix="metafleet-sim-") as app_dir:
         # ClientApps read their run config from an app directory's pyproject; this one declares every key.
         write_app_dir(Path(app_dir), run_config, name="metafleet-simulation")
@@ -65,7 +67,9 @@ def run_in_simulation(
             run_config=dict(run_config),
         )
         init_args: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
-        if total_cpus is not None:
+        if ray_address:
+            init_args["address"] = ray_address  # the cluster's own nodes say what resources there are
+        elif total_cpus is not None:
             init_args["num_cpus"] = total_cpus
         result = _run_simulation(
             num_supernodes=num_supernodes,
