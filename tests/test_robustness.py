@@ -281,6 +281,7 @@ def test_simulate_takes_the_attack_flags_and_the_server_has_none():
 def test_the_robustness_benchmark_plans_clean_defence_only_attack_and_compression_cases():
     import argparse
 
+    from metafleet.common.selective import SELECTIVE_DEFAULT
     from metafleet.simulations.bench_robust import plan
 
     args = argparse.Namespace(attacks="sign-flip", fractions="0.1,0.2", defenses="none,median",
@@ -291,7 +292,7 @@ def test_the_robustness_benchmark_plans_clean_defence_only_attack_and_compressio
                            "sign-flip@0.2/none", "sign-flip@0.2/median", "backdoor@0.2/none", "compress q8",
                            "compress layers", "compress q8+layers:0.3"]
     assert cases["sign-flip@0.1/median"] == dict(attack="sign-flip", attackers=0.1, defense="median")
-    assert cases["compress layers"] == dict(selective_layers=0.5)
+    assert cases["compress layers"] == dict(selective_layers=SELECTIVE_DEFAULT)
     assert cases["compress q8+layers:0.3"] == dict(compress="q8", selective_layers=0.3)
     for overrides in cases.values():  # every case is a config the validation accepts
         RunConfig.resolve(dataset="fashion-mnist", **overrides)

@@ -17,7 +17,14 @@ from metafleet.common.fleets import split_clients
 from metafleet.common.optim import OuterAdam, OuterSGD
 from metafleet.common.records import to_array_record
 from metafleet.common.robust import Defense
-from metafleet.common.selective import SENT_KEY, layers, select_layers, sent_flags, sent_reference
+from metafleet.common.selective import (
+    SELECTIVE_DEFAULT,
+    SENT_KEY,
+    layers,
+    select_layers,
+    sent_flags,
+    sent_reference,
+)
 from metafleet.server.app import initial_params
 from metafleet.server.defenses import layerwise_aggregate
 from metafleet.server.grid import MeteredGrid
@@ -146,7 +153,7 @@ def test_simulate_takes_selective_layers_bare_or_with_a_share_and_runs(tmp_path)
 
     bare = config_from_arguments(simulate_parser().parse_args(["--dataset", "sinusoid", "--selective-layers"]))
     share = config_from_arguments(simulate_parser().parse_args(["--dataset", "sinusoid", "--selective-layers", "0.3"]))
-    assert (bare.selective_layers, share.selective_layers) == (0.5, 0.3)
+    assert (bare.selective_layers, share.selective_layers) == (SELECTIVE_DEFAULT, 0.3)
     config = RunConfig.resolve(**SINUSOID, rounds=3, eval_every=3, selective_layers=0.5, compress="q8")
     summary = simulate(config, tmp_path / "run", backend="inprocess")
     assert summary["rounds_completed"] == 3 and summary["bytes_up"] > 0
