@@ -151,6 +151,8 @@ def measure(clients: int, clients_per_round: int, rounds: int, timeout: float,
         "peak_pss_mb_in_rounds": peak(2, since=rounds_started) if rounds_started else None,
         "max_processes": peak(3),
         "summary_rounds_completed": summary["rounds_completed"] if summary else None,
+        # The held-out devices' metric after the last adaptation step: backends must agree on it.
+        "final_metric": summary["personalization"]["mean"][-1] if summary and summary.get("personalization") else None,
         "memory_samples": samples,  # [unix time, RSS sum MiB, PSS sum MiB, processes]
     }
 
