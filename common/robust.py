@@ -14,13 +14,22 @@ DEFENSES = ("none", "median", "trimmed-mean", "krum", "multi-krum", "norm-bound"
 NEEDS_PLAINTEXT = ("median", "trimmed-mean", "krum", "multi-krum", "rsa")
 TRIM_DEFAULT = 0.2  # trimmed-mean: the share cut from each end of every coordinate (Flower's FedTrimmedAvg)
 ASSUMED_ATTACKERS_DEFAULT = 0.3  # krum / multi-krum: the share of a round's devices assumed malicious
+RSA_VARIANTS = ("", "cluster", "consensus", "consensus-cluster")  # rsa's parameter is the position here
 
 
 @dataclass(frozen=True)
 class Defense:
     """A parsed ``--defense`` value. ``parameter``: trimmed-mean's cut per end, krum's assumed attacker share,
     norm-bound's bound (0: none given, the server clips to the round's median norm, plain path only), rsa's
-    outlier-cluster filter (1: ``rsa:cluster``, 0: weighting only)."""
+    variant (its position in ``RSA_VARIANTS``)."""
+
+    @property
+    def rsa_drops_outliers(self) -> bool:
+        return self.kind == "rsa" and "cluster" in RSA_VARIANTS[int(self.parameter)]
+
+    @property
+    def rsa_consensus(self) -> bool:
+        return self.kind == "rsa" and "consensus" in RSA_VARIANTS[int(self.parameter)]
 
     kind: str = "none"
     parameter: float = 0.0
@@ -32,9 +41,11 @@ class Defense:
             raise ValueError(f"must be one of {', '.join(DEFENSES)} (trimmed-mean:B, krum:F, multi-krum:F and "
                              f"norm-bound:C take a number; rsa:cluster also drops the outlier cluster)")
         if kind == "rsa":
-            if argument not in ("", "cluster"):
-                raise ValueError("rsa takes no argument, or 'cluster' (rsa:cluster) to drop the outlier cluster")
-            return cls(kind, 1.0 if argument else 0.0)
+            if argument not in RSA_VARIANTS:
+                raise ValueError("rsa takes no argument, or one of 'cluster' (drop the outlier cluster), 'consensus' "
+                                 "(compare with the round's median dissimilarities, not the global model's), "
+                                 "'consensus-cluster'")
+            return cls(kind, float(RSA_VARIANTS.index(argument)))
         if kind in ("none", "median"):
             if argument:
                 raise ValueError(f"{kind} takes no argument")

@@ -108,6 +108,9 @@ class RepresentationalSimilarity:
     is the Pearson correlation of its matrix's upper triangle with θ's; its weight is its example count times
     max(score, 0). ``rsa:cluster`` first splits the scores into two groups (exact one-dimensional 2-means) and
     drops the lower group when it holds fewer than half of the devices: the outlier cluster the paper drops.
+    ``rsa:consensus`` (not Cedar's) compares each device's matrix with the round's coordinate-wise median matrix
+    instead of θ's: an untrained θ's geometry says nothing (every score is then near 0, and a first-round
+    attack passes), while an honest majority's median does.
 
     GOLF, Cedar's reference code (generic_and_open_learning_federator, function.py ``Cedarsyn``), compares
     cosine-similarity matrices of softmax outputs over the whole matrix, and its filter zeroes the weights of
@@ -115,10 +118,12 @@ class RepresentationalSimilarity:
     what an honest majority needs. This follows the paper.
     """
 
-    def __init__(self, fmodel: FunctionalModel, stimuli: torch.Tensor, step: float, drop_outliers: bool):
+    def __init__(self, fmodel: FunctionalModel, stimuli: torch.Tensor, step: float, drop_outliers: bool,
+                 consensus: bool = False):
         if stimuli.shape[0] < 3:
             raise ValueError(f"rsa needs at least 3 stimuli to compare representations, got {stimuli.shape[0]}")
         self.fmodel, self.stimuli, self.step, self.drop_outliers = fmodel, stimuli, step, drop_outliers
+        self.consensus = consensus
 
     def dissimilarities(self, params: Params) -> np.ndarray:
         """The upper triangle of the model's representational dissimilarity matrix on the stimuli."""
@@ -130,12 +135,10 @@ class RepresentationalSimilarity:
         return distances[np.triu_indices(len(distances), k=1)]
 
     def scores(self, theta: Params, updates: Sequence[Params]) -> np.ndarray:
-        reference = self.dissimilarities(theta)
-        scores = []
-        for update in updates:
-            candidate = {name: theta[name] - self.step * update[name].to(theta[name].dtype) for name in theta}
-            scores.append(_pearson(self.dissimilarities(candidate), reference))
-        return np.array(scores)
+        matrices = [self.dissimilarities({name: theta[name] - self.step * update[name].to(theta[name].dtype)
+                                          for name in theta}) for update in updates]
+        reference = np.median(np.stack(matrices), axis=0) if self.consensus else self.dissimilarities(theta)
+        return np.array([_pearson(matrix, reference) for matrix in matrices])
 
     def aggregate(self, theta: Params, updates: Sequence[Params], weights: Sequence[float]
                   ) -> tuple[Params, dict[str, float]]:

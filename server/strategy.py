@@ -321,8 +321,9 @@ def rsa_judge(config: RunConfig) -> RepresentationalSimilarity:
     """--defense rsa's judge: the model as a function, the stimuli, and how far an update moves θ."""
     fmodel = functional_model(config)
     step = 1.0 if config.algorithm in ("fedavg", "reptile") else config.inner_lr
-    drop_outliers = config.defense_definition.parameter > 0
-    return RepresentationalSimilarity(fmodel, load_stimuli(config, fmodel), step, drop_outliers)
+    defense = config.defense_definition
+    return RepresentationalSimilarity(fmodel, load_stimuli(config, fmodel), step, defense.rsa_drops_outliers,
+                                      defense.rsa_consensus)
 
 
 def make_strategy(config: RunConfig, params: Params) -> MetaStrategy:

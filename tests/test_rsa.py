@@ -70,7 +70,7 @@ def test_rsa_needs_stimuli_plaintext_and_whole_models(tmp_path):
         RunConfig.resolve(dataset="sinusoid", defense="rsa", secure_aggregation=True)
     with pytest.raises(ConfigError, match="whole adapted model"):
         RunConfig.resolve(dataset="sinusoid", defense="rsa", selective_layers=0.5)
-    with pytest.raises(ConfigError, match="'cluster'"):
+    with pytest.raises(ConfigError, match="consensus-cluster"):
         RunConfig.resolve(dataset="sinusoid", defense="rsa:drop")
     bad = tmp_path / "stimuli.npz"
     np.savez(bad, x=np.zeros((4, 3, 3), np.float32))  # not the watch model's input shape
@@ -99,3 +99,14 @@ def test_a_simulated_run_under_rsa_reports_its_scores(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [row for row in rows if row["phase"] == "train"]
     assert all("defense-rsa-score-median" in row and "defense-dropped" in row for row in train)
+
+
+def test_the_consensus_variant_compares_with_the_round_s_median_and_drops_the_attackers():
+    config = RunConfig.resolve(dataset="fashion-mnist", algorithm="reptile", defense="rsa:consensus-cluster")
+    theta, _, updates = _round(config)
+    judge = rsa_judge(config)
+    assert judge.consensus and judge.drop_outliers
+    scores = judge.scores(theta, updates)
+    assert scores[:8].min() > scores[8:].max(), scores
+    _, metrics = judge.aggregate(theta, updates, [1.0] * len(updates))
+    assert metrics["defense-dropped"] == 2
