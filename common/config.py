@@ -273,6 +273,8 @@ class RunConfig:
                  "'distributed' needs secure aggregation and a noise multiplier > 0 (each device's share of the "
                  "noise is too small to show its update to the server alone)")
         self._validate_robustness()
+        _require(self, "seed", isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+                 "must be an integer in [0, 2^63) (numpy's generators take no negative seed)")
         _require(self, "ways", self.ways == 0 or self.ways >= 2, "must be 0 (all classes) or >= 2")
         _require(self, "eval_episodes", 1 <= self.eval_episodes <= 100, "must be in [1, 100]")
         _require(self, "fold", 0 <= self.fold < self.folds,

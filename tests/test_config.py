@@ -39,6 +39,7 @@ def test_round_trips_through_json_dict_and_flower_run_config():
         ("frobnicate", 1, "is not a known config field"),
         ("ways", 1, "0 \\(all classes\\) or >= 2"),
         ("fold", 10, "must be in \\[0, 10\\)"),
+        ("seed", -5, "no negative seed"),
     ],
 )
 def test_bad_value_names_field_and_value(field, value, message):
