@@ -284,10 +284,12 @@ Tamper = Callable[[Params], Params]
 
 
 def train_reply(msg: Message, context: Context, device: Device, data: ClientData | None = None,
-                tamper: Tamper | None = None, update: LocalUpdate | None = None) -> Message:
+                tamper: Tamper | None = None, update: LocalUpdate | None = None,
+                params: Params | None = None) -> Message:
     """The train handler's work: the local update from the received θ, checked, clipped where the run says
     so, compressed where it says so (plain path), and packed for the plain or the secure (SecAgg+) path.
-    ``update``: the local update, computed already (the vectorized simulation computes many at once)."""
+    ``update`` and ``params``: the local update and the received θ (checked), where the caller has them
+    already (the vectorized simulation computes a round's updates at once, from one θ)."""
     start = time.perf_counter()
     if device.held_out:
         raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
@@ -297,7 +299,7 @@ def train_reply(msg: Message, context: Context, device: Device, data: ClientData
             "the run asks for secure aggregation but the server sent a plain training request: the server app "
             "does not run SecAgg+, so this device keeps its update"
         )
-    params = device.received_params(msg)
+    params = device.received_params(msg) if params is None else params
     server_round = int(msg.content[LEGACY_CONFIG if secure else "config"]["server-round"])
     if update is None:
         rng = training_rng(device.config, server_round, device.client_id)

@@ -22,7 +22,6 @@ from flwr.app import Error, Message, MessageType
 from metafleet.client.app import Device, train_reply
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
-from metafleet.common.records import from_array_record
 from metafleet.common.training import training_episode, training_rng
 from metafleet.common.vectorized import batched_updates
 from metafleet.simulations.inprocess import InProcessGrid, stage_of
@@ -89,14 +88,18 @@ class VectorizedGrid(InProcessGrid):
         for members in by_theta.values():
             first = devices[members[0]]
             config, fmodel = first[2].config, first[2].fmodel
-            params = {name: t.to(first[2].torch_device) for name, t in
-                      from_array_record(first[0].content["arrays"]).items()}
+            try:
+                received = first[2].received_params(first[0])  # checked once for all who received it
+            except Exception as error:  # noqa: BLE001
+                replies += [_error_reply(devices[i][0], error) for i in members]
+                continue
+            params = {name: t.to(first[2].torch_device) for name, t in received.items()}
             updates = batched_updates(config.algorithm, fmodel, params, [episodes[i] for i in members],
                                       config.inner_steps, config.inner_lr)
             for index, update in zip(members, updates, strict=True):
                 message, context, device = devices[index]
                 try:
-                    replies.append(train_reply(message, context, device, update=update))
+                    replies.append(train_reply(message, context, device, update=update, params=received))
                 except Exception as error:  # noqa: BLE001
                     replies.append(_error_reply(message, error))
         return replies + failed
