@@ -66,7 +66,8 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
                         "against the server too; needs --secure-aggregation). Default central")
     parser.add_argument("--defense", metavar="NAME",
                         help="aggregation against poisoned devices: none (default), median, trimmed-mean[:B], "
-                        "krum[:F], multi-krum[:F], rsa[:cluster] (Cedar's representational-similarity weighting; "
+                        "krum[:F], multi-krum[:F], rsa[:cluster|consensus|consensus-cluster] (Cedar's "
+                        "representational-similarity weighting; "
                         "plain path only), or norm-bound[:C] (devices clip to C; the only one with "
                         "--secure-aggregation, where C is required)")
     parser.add_argument("--rsa-stimuli", metavar="FILE.npz",
