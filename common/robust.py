@@ -23,14 +23,6 @@ class Defense:
     norm-bound's bound (0: none given, the server clips to the round's median norm, plain path only), rsa's
     variant (its position in ``RSA_VARIANTS``)."""
 
-    @property
-    def rsa_drops_outliers(self) -> bool:
-        return self.kind == "rsa" and "cluster" in RSA_VARIANTS[int(self.parameter)]
-
-    @property
-    def rsa_consensus(self) -> bool:
-        return self.kind == "rsa" and "consensus" in RSA_VARIANTS[int(self.parameter)]
-
     kind: str = "none"
     parameter: float = 0.0
 
@@ -67,6 +59,14 @@ class Defense:
     @property
     def needs_plaintext(self) -> bool:
         return self.kind in NEEDS_PLAINTEXT
+
+    @property
+    def rsa_drops_outliers(self) -> bool:
+        return self.kind == "rsa" and "cluster" in RSA_VARIANTS[int(self.parameter)]
+
+    @property
+    def rsa_consensus(self) -> bool:
+        return self.kind == "rsa" and "consensus" in RSA_VARIANTS[int(self.parameter)]
 
     @property
     def device_bound(self) -> float | None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -188,13 +187,11 @@ class MetaStrategy(FedAvg):
             raise ValueError(f"'num-examples' must be a positive number, got {weight!r}")
         if self.privacy is not None:
             weight = 1  # one client's influence on the mean is then at most clip_norm / clients
-        update = from_array_record(content["arrays"])
+        payload = {name: tensor.numpy() for name, tensor in from_array_record(content["arrays"]).items()}
         reference = self.reference
         if self.config.selective_layers:
-            payload, reference = sent_reference({name: t.numpy() for name, t in update.items()}, reference)
-            update = {name: torch.from_numpy(value) for name, value in payload.items()}
-        if self.compression.active:
-            update = decode({name: tensor.numpy() for name, tensor in update.items()}, self.compression, reference)
+            payload, reference = sent_reference(payload, reference)
+        update = decode(payload, self.compression, reference)
         check_update(update, reference)
         norm = global_norm(update)
         if self.privacy is not None and norm > self.config.dp_clip_norm * (1 + 1e-4):
