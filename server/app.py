@@ -211,17 +211,30 @@ def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_secon
     A node whose model's fingerprint (parameter names, shapes, dtypes) differs from the server's runs another
     model: it is refused, and the run goes on with the others."""
     known = getattr(grid, "simulated_identities", lambda: None)()
-    if known is not None:
-        # A simulation that builds every device from the run's own config and code (the vectorized backend)
-        # knows each node's client id from its node config: 100,000 query messages would tell nothing more.
+    question = RecordDict({"config": ConfigRecord({"question": "who-are-you"})})
+    if known:
+        # A simulation that builds every device from the run's own config and code knows each node's client
+        # id from its node config: 10,000 query messages would tell nothing more. One device is still asked,
+        # so a fleet that cannot load, or runs another model, fails here in one line as discovery would.
         held_out = set(split_clients(strategy.config)[1])
         ordered = sorted((client_id, node) for node, client_id in known.items())
+        first_client, first_node = ordered[0]
+        timeout = max(wait_seconds, 30.0)
+        replies = list(grid.send_and_receive([Message(question, first_node, MessageType.QUERY)], timeout=timeout))
+        if not replies:
+            raise MetafleetError(f"simulated device {first_client} did not say who it is within {timeout:.0f} s")
+        if replies[0].has_error():
+            reason = short_reason(replies[0].error.reason)
+            raise MetafleetError(f"simulated device {first_client} cannot start: {reason}")
+        reason = _refusal(strategy, replies[0].content["info"], model_fingerprint)
+        if reason is not None:
+            raise MetafleetError(f"simulated device {first_client}: {reason}")
         strategy.training_nodes = [node for client_id, node in ordered if client_id not in held_out]
         strategy.held_out_nodes = [node for client_id, node in ordered if client_id in held_out]
         if not strategy.training_nodes:
             raise MetafleetError("no training client in the simulated fleet; nothing to train on")
-        log.info("fleet: %d training nodes, %d held-out nodes", len(strategy.training_nodes),
-                 len(strategy.held_out_nodes))
+        log.info("fleet: %d training nodes, %d held-out nodes (from the simulation's node configs)",
+                 len(strategy.training_nodes), len(strategy.held_out_nodes))
         return
     deadline = time.monotonic() + wait_seconds
     node_ids = list(grid.get_node_ids())
@@ -231,7 +244,6 @@ def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_secon
     if len(node_ids) < expected:
         log.warning("only %d of %d expected nodes connected within %.0f s; going on", len(node_ids), expected,
                     wait_seconds)
-    question = RecordDict({"config": ConfigRecord({"question": "who-are-you"})})
     timeout = max(wait_seconds, 30.0)
     replies: list[Message] = []
     last_report = time.monotonic()
@@ -252,14 +264,7 @@ def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_secon
             log.warning("node %d could not say who it is and takes no part: %s", node, short_reason(reply.error.reason))
             continue
         info = reply.content["info"]
-        masks, theirs = info.get("mask-generator"), info.get("fingerprint")
-        reason = None
-        if strategy.config.secure_aggregation and masks != MASK_GENERATOR:
-            reason = (f"its SecAgg+ masks come from {masks or FLOWER_GENERATOR}, the server's from {MASK_GENERATOR}: "
-                      "they would not cancel, so it takes no part in this secure run")
-        elif model_fingerprint is not None and theirs != model_fingerprint:
-            reason = (f"its model (task {info.get('task')!r}, fingerprint {theirs}) differs from the server's "
-                      f"(fingerprint {model_fingerprint}): it runs another task or model, and takes no part")
+        reason = _refusal(strategy, info, model_fingerprint)
         if reason is not None:
             log.warning("node %d (client %s) refused: %s", node, info.get("client-id"), reason)
             strategy.rejections.append(Rejection(0, node, reason))
@@ -270,6 +275,18 @@ def discover_fleet(grid: Grid, strategy: MetaStrategy, expected: int, wait_secon
     if not strategy.training_nodes:
         raise MetafleetError("no training client answered; nothing to train on")
     log.info("fleet: %d training nodes, %d held-out nodes", len(training), len(held_out))
+
+
+def _refusal(strategy: MetaStrategy, info: Any, model_fingerprint: str | None) -> str | None:
+    """Why a node that said who it is cannot take part, or None."""
+    masks, theirs = info.get("mask-generator"), info.get("fingerprint")
+    if strategy.config.secure_aggregation and masks != MASK_GENERATOR:
+        return (f"its SecAgg+ masks come from {masks or FLOWER_GENERATOR}, the server's from {MASK_GENERATOR}: "
+                "they would not cancel, so it takes no part in this secure run")
+    if model_fingerprint is not None and theirs != model_fingerprint:
+        return (f"its model (task {info.get('task')!r}, fingerprint {theirs}) differs from the server's "
+                f"(fingerprint {model_fingerprint}): it runs another task or model, and takes no part")
+    return None
 
 
 def _show_progress(

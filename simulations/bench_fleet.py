@@ -1,7 +1,7 @@
 """Fleet size: rounds per minute and memory of ``metafleet simulate`` with thousands of simulated clients.
 
     python -m metafleet.simulations.bench_fleet --out bench-out/fleet.json \
-        [--backends ray,inprocess,vectorized] [--clients 1000,10000,100000] [--dataset sinusoid|watch]
+        [--backends ray-stock,ray,inprocess,vectorized] [--clients 1000,10000,100000] [--dataset sinusoid|watch]
 
 For each backend and fleet size N, runs ``metafleet simulate --dataset sinusoid --algorithm reptile
 --clients N --clients-per-round 100 --backend B`` in its own process tree and reports:
@@ -16,9 +16,13 @@ For each backend and fleet size N, runs ``metafleet simulate --dataset sinusoid 
 - peak memory of the whole process tree (Ray's GCS, raylet and workers included), sampled every 0.5 s from
   /proc: the sum of RSS, and the sum of PSS, which counts a page shared by several processes once.
 
+Backend ``ray-stock`` is ``--backend ray`` on Flower's Simulation Engine exactly as Flower ships it
+(``METAFLEET_STOCK_ENGINE=1``: Flower's LinkState, one discovery query per node); ``ray`` is the same engine
+with metafleet's two changes for large fleets (simulations/engine.py).
+
 The run is killed, with every descendant, at ``--timeout``; whatever it reached is still reported. Each
-backend's rounds per minute is also given as a ratio to the ray backend's (Flower's Simulation Engine) at
-the same fleet size, measured in the same invocation. ``--dataset watch`` runs the watch fleet (its 10
+backend's rounds per minute is also given as a ratio to Flower's Simulation Engine as shipped (ray-stock,
+else ray) at the same fleet size, measured in the same invocation. ``--dataset watch`` runs the watch fleet (its 10
 subjects) instead, 8 a round.
 """
 
@@ -44,6 +48,7 @@ from metafleet.simulations.bench_overhead import (
     time_method,
     tree_memory,
 )
+from metafleet.simulations.engine import STOCK_ENGINE_VARIABLE
 
 
 def child_simulate(events_file: str, discovery_batch: str, simulate_args: list[str]) -> int:
@@ -81,13 +86,15 @@ def measure(clients: int, clients_per_round: int, rounds: int, timeout: float,
         events_file, run_dir = Path(work, "events.jsonl"), Path(work, "run")
         args = ["--dataset", dataset, "--algorithm", "reptile", "--clients", str(clients),
                 "--clients-per-round", str(clients_per_round), "--rounds", str(rounds),
-                "--eval-every", str(rounds + 1), "--out", str(run_dir), "--backend", backend]
+                "--eval-every", str(rounds + 1), "--out", str(run_dir),
+                "--backend", "ray" if backend == "ray-stock" else backend]
         if held_out_clients:
             args += ["--held-out-clients", str(held_out_clients)]
         load_before = load_average()
         child = run_child(["-m", "metafleet.simulations.bench_fleet", "--child", str(events_file),
                            str(discovery_batch or "default"), *args],
-                          timeout, on_sample=sample)
+                          timeout, on_sample=sample,
+                          env={STOCK_ENGINE_VARIABLE: "1" if backend == "ray-stock" else "0"})
         load_after = load_average()
         events = read_events(events_file)
         summary_file = run_dir / "summary.json"
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per fleet size, then the tree is killed")
     parser.add_argument("--discovery-batch", type=int, help="override the server's DISCOVERY_BATCH (experiments)")
-    parser.add_argument("--backends", default="ray", help="comma-separated: ray, inprocess, vectorized")
+    parser.add_argument("--backends", default="ray",
+                        help="comma-separated: ray-stock (Flower's engine as shipped), ray, inprocess, vectorized")
     parser.add_argument("--dataset", choices=["sinusoid", "watch"], default="sinusoid")
     parser.add_argument("--held-out-clients", type=int, help="held-out clients (default: the data set's)")
     args = parser.parse_args(argv)
@@ -193,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             _print_row(row)
     for row in rows:
-        ray = next((r for r in rows if r["backend"] == "ray" and r["clients"] == row["clients"]), None)
-        if ray and ray["rounds_per_minute"] and row["rounds_per_minute"]:
-            row["rounds_per_minute_vs_ray"] = row["rounds_per_minute"] / ray["rounds_per_minute"]
+        same_fleet = {r["backend"]: r for r in rows if r["clients"] == row["clients"]}
+        flower = same_fleet.get("ray-stock") or same_fleet.get("ray")
+        if flower and flower["rounds_per_minute"] and row["rounds_per_minute"]:
+            row["rounds_per_minute_vs_ray"] = row["rounds_per_minute"] / flower["rounds_per_minute"]
+            row["vs_backend"] = flower["backend"]
             print(f"{row['backend']} at {row['clients']} clients: {row['rounds_per_minute_vs_ray']:.1f}x the "
-                  "ray backend's rounds per minute")
+                  f"{flower['backend']} backend's rounds per minute")
     from metafleet.server.app import DISCOVERY_BATCH
 
     result = {"benchmark": "fleet", "cpus": os.cpu_count(), "dataset": args.dataset, "algorithm": "reptile",

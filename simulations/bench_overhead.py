@@ -193,12 +193,14 @@ def kill_tree(root: int) -> None:
             pass
 
 
-def run_child(argv: list[str], timeout: float, on_sample=None, interval: float = 0.5) -> dict[str, Any]:
-    """Run a child Python process; kill its whole tree at ``timeout``. ``on_sample(pid)`` runs every ``interval``."""
+def run_child(argv: list[str], timeout: float, on_sample=None, interval: float = 0.5,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a child Python process (``env`` added to this one's); kill its whole tree at ``timeout``.
+    ``on_sample(pid)`` runs every ``interval``."""
     log_file = tempfile.NamedTemporaryFile(prefix="metafleet-bench-", suffix=".log", delete=False)
     started = time.time()
     process = subprocess.Popen([sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                               env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     timed_out = False
     try:
         while process.poll() is None:
