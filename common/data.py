@@ -204,17 +204,22 @@ def file_problem(path: Path) -> str | None:
     return None if path.is_file() else "does not exist"
 
 
-def held_out_client_ids(num_clients: int, held_out: int, seed: int, fold: int = 0) -> list[int]:
-    """The clients never trained on: a seeded choice, the same on the server and on every device.
+# The permutation folds are cut from. A fixed seed, not the run's: a device's fold belongs to the fleet, so a
+# second training seed tests the same devices (and never lands on validation devices). Seed 0's old folds.
+FOLD_PERMUTATION_SEED = (0, 1234)
 
-    Fold ``f`` holds out block ``f`` of one seeded permutation, so folds 0..num_clients//held_out-1 hold
+
+def held_out_client_ids(num_clients: int, held_out: int, fold: int = 0) -> list[int]:
+    """The clients never trained on: the same on the server and on every device, whatever the run's seed.
+
+    Fold ``f`` holds out block ``f`` of one fixed permutation, so folds 0..num_clients//held_out-1 hold
     out disjoint sets and, when ``held_out`` divides ``num_clients``, every client exactly once.
     """
     if not 1 <= held_out < num_clients:
         raise DataError(f"cannot hold out {held_out} of {num_clients} clients")
     if not 0 <= fold < num_clients // held_out:
         raise DataError(f"fold {fold} does not exist: {num_clients} clients give {num_clients // held_out} folds")
-    permutation = np.random.default_rng([seed, 1234]).permutation(num_clients)
+    permutation = np.random.default_rng(list(FOLD_PERMUTATION_SEED)).permutation(num_clients)
     return sorted(int(i) for i in permutation[fold * held_out : (fold + 1) * held_out])
 
 

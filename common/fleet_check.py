@@ -31,18 +31,19 @@ def fleet_parser() -> argparse.ArgumentParser:
                        help="the fleet: FLEET_DIR/<device>/data.npz or data.csv")
     check.add_argument("--held-out-clients", type=int, metavar="N",
                        help="also list the devices each fold holds out with N held-out devices (as simulate's --fold)")
-    check.add_argument("--seed", type=int, default=0, help="the seed the folds are dealt with (default 0)")
+    # Folds once depended on the seed; they belong to the fleet now. Accepted so that older commands still run.
+    check.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
-def _print_folds(fleet: FolderFleet, held_out: int, seed: int) -> None:
+def _print_folds(fleet: FolderFleet, held_out: int) -> None:
     """Which devices ``--fold F`` holds out: choose validation devices before any run reports them."""
     folds = fleet.num_clients // held_out if 1 <= held_out < fleet.num_clients else 0
     if not folds:
         raise MetafleetError(f"--held-out-clients must be in [1, {fleet.num_clients}), got {held_out}")
-    print(f"folds of {held_out} held-out devices (seed {seed}):")
+    print(f"folds of {held_out} held-out devices (the same for every --seed):")
     for fold in range(folds):
-        names = [fleet.device_name(i) for i in held_out_client_ids(fleet.num_clients, held_out, seed, fold)]
+        names = [fleet.device_name(i) for i in held_out_client_ids(fleet.num_clients, held_out, fold)]
         print(f"  fold {fold}: {', '.join(names)}")
 
 
@@ -77,7 +78,7 @@ def fleet_command(argv: list[str]) -> int:
         print(f"... and {fleet.num_clients - SHOWN_DEVICES} more devices")
     print(f"{'all usable devices':<24} {support_total:>8} {query_total:>8}")
     if args.held_out_clients is not None:
-        _print_folds(fleet, args.held_out_clients, args.seed)
+        _print_folds(fleet, args.held_out_clients)
     if problems:
         lines = [line for device in problems.values() for line in device]
         for line in lines:

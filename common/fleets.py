@@ -43,6 +43,6 @@ def split_clients(config: RunConfig) -> tuple[list[int], list[int]]:
         devices = fleet_devices(config.data)
         held_out = sorted(devices.index(name) for name in config.held_out_names)
     else:
-        held_out = held_out_client_ids(config.clients, config.held_out_clients, config.seed, config.fold)
+        held_out = held_out_client_ids(config.clients, config.held_out_clients, config.fold)
     excluded = set(held_out)
     return [i for i in range(config.clients) if i not in excluded], held_out

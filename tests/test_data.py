@@ -40,13 +40,22 @@ def test_sinusoid_clients_follow_the_maml_setting_and_are_reproducible():
     torch.testing.assert_close(y, amplitude * torch.sin(x - phase))
 
 
-def test_held_out_clients_are_disjoint_from_training_and_seeded():
+def test_held_out_clients_are_disjoint_from_training_and_dealt_by_the_fold():
     config = RunConfig.resolve(dataset="sinusoid", clients=200)
     training, held_out = split_clients(config)
     assert len(held_out) == 20 and not set(training) & set(held_out)
     assert sorted(training + held_out) == list(range(200))
-    assert held_out_client_ids(200, 20, 0) == held_out
-    assert held_out_client_ids(200, 20, 1) != held_out
+    assert held_out_client_ids(200, 20) == held_out
+    assert held_out_client_ids(200, 20, fold=1) != held_out
+    assert held_out != list(range(20))  # dealt, not the first ids
+
+
+@pytest.mark.parametrize("dataset, clients", [("sinusoid", 200), ("watch", 10), ("fashion-mnist", 100)])
+def test_the_same_devices_are_held_out_in_a_fold_whatever_the_seed(dataset, clients):
+    for fold in (0, 1):
+        by_seed = {seed: split_clients(RunConfig.resolve(dataset=dataset, clients=clients, fold=fold, seed=seed))
+                   for seed in (0, 1, 7, 2**31)}
+        assert len({(tuple(train), tuple(held)) for train, held in by_seed.values()}) == 1, (dataset, fold)
 
 
 def test_folds_hold_out_every_client_exactly_once():
@@ -54,7 +63,7 @@ def test_folds_hold_out_every_client_exactly_once():
     assert sorted(c for held_out in folds for c in held_out) == list(range(10))
     assert folds[0] == split_clients(RunConfig.resolve(dataset="watch"))[1]
     with pytest.raises(DataError, match="fold 5"):
-        held_out_client_ids(10, 2, 0, fold=5)
+        held_out_client_ids(10, 2, fold=5)
 
 
 def _client(x_support, y_support, num_classes=3):
