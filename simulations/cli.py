@@ -14,10 +14,12 @@ from pathlib import Path
 from metafleet.common.cli_options import add_attack_arguments, add_learning_arguments, config_from_arguments
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
+from metafleet.common.meta import ALGORITHMS
 from metafleet.server.report import print_summary
 from metafleet.server.rundir import start_or_resume
 
 BACKENDS = ("ray", "inprocess", "vectorized")
+ALGORITHM_CHOICES = sorted(ALGORITHMS)
 RAY_REPLY_POLL_SECONDS = 0.02  # the in-memory LinkState answers a pull in microseconds
 
 
@@ -44,17 +46,35 @@ def simulate_parser() -> argparse.ArgumentParser:
                         "(torch.func.vmap; no SecAgg+)")
     parser.add_argument("--torch-device", metavar="DEVICE",
                         help="where simulated devices compute: cpu (default) or cuda (sets $METAFLEET_TORCH_DEVICE)")
+    parser.add_argument("--against", metavar="ALGORITHM", choices=ALGORITHM_CHOICES,
+                        help="then train ALGORITHM (e.g. fedavg: FedAvg, fine-tuned on each device) on the same fleet, "
+                        "seed and held-out devices, into OUT/against-ALGORITHM, and print the paired difference per "
+                        "adaptation step with its 95%% CI over those devices (comparison.json)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     return parser
 
 
 def simulate_command(argv: list[str]) -> int:
     args = simulate_parser().parse_args(argv)
+    if args.against and args.resume:
+        raise MetafleetError("--against starts a new pair of runs; it cannot be combined with --resume")
+    if args.against and args.against == args.algorithm:
+        raise MetafleetError(f"--against {args.against} would compare {args.algorithm} with itself: name another "
+                             "algorithm")
     config, out = start_or_resume(args.resume, args.out, lambda: config_from_arguments(args))
-    summary = simulate(config, Path(out), resume=bool(args.resume), cpus_per_client=args.cpus_per_client,
-                       verbose=args.verbose, backend=args.backend, torch_device=args.torch_device,
-                       ray_address=args.ray_address)
+    options = {"cpus_per_client": args.cpus_per_client, "verbose": args.verbose, "backend": args.backend,
+               "torch_device": args.torch_device, "ray_address": args.ray_address}
+    summary = simulate(config, Path(out), resume=bool(args.resume), **options)
     print_summary(summary)
+    if args.against:
+        from metafleet.simulations.comparison import compare_runs, print_comparison
+
+        baseline_args = argparse.Namespace(**{**vars(args), "algorithm": args.against})
+        baseline_out = Path(out) / f"against-{args.against}"
+        print(f"metafleet: now {args.against} on the same fleet, seed and held-out devices -> {baseline_out}",
+              file=sys.stderr)
+        simulate(config_from_arguments(baseline_args), baseline_out, **options)
+        print_comparison(compare_runs(Path(out), baseline_out, Path(out) / "comparison.json"))
     return 0
 
 

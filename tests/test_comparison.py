@@ -1,0 +1,39 @@
+"""``metafleet simulate --against``: two real runs on the same held-out devices, compared device by device."""
+
+import json
+
+import numpy as np
+import pytest
+
+from metafleet.common.errors import MetafleetError
+from metafleet.simulations.cli import simulate_command
+
+
+def _final_evaluation(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["phase"] == "evaluate"][-1]
+
+
+def test_against_trains_the_baseline_on_the_same_devices_and_pairs_them(tmp_path, capsys):
+    out = tmp_path / "maml"
+    assert simulate_command(["--dataset", "sinusoid", "--algorithm", "maml", "--clients", "30", "--rounds", "3",
+                             "--backend", "vectorized", "--out", str(out), "--against", "fedavg"]) == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    ours, theirs = _final_evaluation(out), _final_evaluation(out / "against-fedavg")
+    assert json.loads((out / "against-fedavg" / "config.json").read_text())["algorithm"] == "fedavg"
+    assert ours["client-ids"] == theirs["client-ids"] and comparison["devices"] == len(ours["client-ids"]) == 3
+    assert comparison["method"] == "maml" and comparison["baseline"] == "fedavg+ft" and comparison["lower_is_better"]
+    for row in comparison["rows"]:
+        differences = np.subtract(ours[f"clients-step-{row['steps']}"], theirs[f"clients-step-{row['steps']}"])
+        assert row["difference"] == pytest.approx(differences.mean())
+        assert row["method_better_on"] == int((differences < 0).sum())
+    assert "maml against fedavg+ft on the same 3 held-out devices" in capsys.readouterr().out
+
+
+def test_against_itself_or_with_resume_is_refused_in_one_line(tmp_path):
+    with pytest.raises(MetafleetError, match="compare maml with itself"):
+        simulate_command(["--dataset", "sinusoid", "--algorithm", "maml", "--against", "maml",
+                          "--out", str(tmp_path / "x")])
+    with pytest.raises(MetafleetError, match="cannot be combined with --resume"):
+        simulate_command(["--resume", str(tmp_path), "--against", "fedavg"])
+    assert not (tmp_path / "x").exists()
