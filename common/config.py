@@ -261,6 +261,8 @@ class RunConfig:
         _require(self, "eval_finetunes", bool(self.finetune_modes) and set(self.finetune_modes) <= set(FINETUNES)
                  and len(set(self.finetune_modes)) == len(self.finetune_modes),
                  f"must be distinct names from {list(FINETUNES)}, comma-separated")
+        # The plain curve is what the summary, the report and the progress line read.
+        _require(self, "eval_finetunes", "full" in self.finetune_modes, "must include 'full'")
         _require(self, "eval_finetunes", self.finetune_modes == ("full",) or self.head_init == "learned",
                  "'head' and 'prox' fine-tune a learned head; with head_init 'prototypes' evaluate 'full' only")
         _require(self, "head_adapt_lr", self.head_adapt_lr == 0 or _finite_positive(self.head_adapt_lr),

@@ -82,10 +82,10 @@ def client_finetuning(
     fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig, mode: str,
     head: frozenset[str] = frozenset(),
 ) -> tuple[list[float], list[float]]:
-    """``client_personalization`` for fine-tuning ``mode`` (``config.FINETUNES``) on the same evaluation
-    episodes: "full" is ``client_personalization`` itself; "head" adapts only ``head`` with the head lr;
-    "prox" adapts every parameter with the fine-tuning lr, pulled towards the received ``params`` by
-    ``config.prox_lambda``."""
+    """``client_personalization`` for fine-tuning ``mode`` (``metafleet.common.config.FINETUNES``) on the
+    same evaluation episodes: "full" is ``client_personalization`` itself; "head" adapts only ``head`` with
+    the head lr; "prox" adapts every parameter with the fine-tuning lr, pulled towards the received
+    ``params`` by ``config.prox_lambda``."""
     if mode == "full":
         return client_personalization(fmodel, params, client, config)
     lr = config.head_adaptation_lr if mode == "head" else config.adaptation_lr

@@ -117,6 +117,8 @@ def test_per_fedavg_config_defaults_and_refusals():
         RunConfig.resolve(dataset="omniglot", algorithm="per-fedavg", head_init="prototypes")
     with pytest.raises(ConfigError, match="eval_finetunes.*distinct names"):
         RunConfig.resolve(dataset="sinusoid", eval_finetunes="full,head,head")
+    with pytest.raises(ConfigError, match="eval_finetunes.*must include 'full'"):
+        RunConfig.resolve(dataset="sinusoid", eval_finetunes="head,prox")
     with pytest.raises(ConfigError, match="prox_lambda.*>= 0"):
         RunConfig.resolve(dataset="sinusoid", prox_lambda=-1.0)
 
@@ -252,3 +254,22 @@ def test_the_client_refuses_a_fine_tuning_it_does_not_know():
     held_out = split_clients(config)[1][0]
     with pytest.raises(MetafleetError, match="fine-tunings \\['lora'\\]"):
         evaluate(instruction(content, MessageType.EVALUATE), device_context(held_out, config.to_run_config()))
+
+
+def test_the_server_keeps_each_fine_tuning_s_curves_and_drops_a_reply_that_lacks_one():
+    from flwr.app import MetricRecord, RecordDict
+
+    from metafleet.server.app import initial_params
+    from metafleet.server.strategy import make_strategy
+    from tests.flower_messages import reply_from
+
+    config = RunConfig.resolve(dataset="sinusoid", algorithm="fedavg", eval_steps="0,5", eval_finetunes="full,head")
+    strategy = make_strategy(config, initial_params(config))
+    plain = {"num-examples": 1, "step-0": 2.0, "step-5": 1.0, "guarded-step-0": 2.0, "guarded-step-5": 1.0}
+    head = {"head-ft-step-0": 2.0, "head-ft-step-5": 1.5, "head-ft-guarded-step-0": 2.0, "head-ft-guarded-step-5": 2.0}
+    replies = [reply_from(1, RecordDict({"metrics": MetricRecord({**plain, **head, "client-id": 4})})),
+               reply_from(2, RecordDict({"metrics": MetricRecord({**plain, "client-id": 6})}))]
+    result = strategy.aggregate_evaluate(10, replies)
+    assert result["client-ids"] == [4] and result["clients-head-ft-step-5"] == [1.5]
+    assert result["mean-head-ft-guarded-step-5"] == 2.0 and result["mean-step-5"] == 1.0
+    assert "head-ft-step-N" in strategy.rejections[0].reason
