@@ -41,6 +41,7 @@ from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
 from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
+from metafleet.common.finetune import FINETUNES_KEY, METRIC_PREFIXES
 from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.meta import FunctionalModel, LocalUpdate, Params, check_update, global_norm
 from metafleet.common.privacy import clip_to_norm, clip_values, distributed_dp_share
@@ -48,7 +49,7 @@ from metafleet.common.records import KEEP_MODEL_ACTION, from_array_record, to_ar
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR, MASK_GENERATOR_KEY, bind
 from metafleet.common.selective import SENT_KEY, select_layers, sent_flags
 from metafleet.common.task import fingerprint
-from metafleet.common.training import client_personalization, client_train, training_rng
+from metafleet.common.training import client_finetuning, client_train, training_rng
 
 log = logging.getLogger("metafleet.client")
 CPU = torch.device("cpu")
@@ -169,6 +170,13 @@ def resolve_torch_device(name: str) -> torch.device:
         raise MetafleetError(f"torch device {name!r} was asked for, but this torch ({torch.__version__}) sees no "
                              "CUDA device; install the platform's CUDA build of torch or use cpu")
     return device
+
+
+@lru_cache(maxsize=4)
+def _head_names(config: RunConfig) -> frozenset[str]:
+    # Asked only where an evaluation names head-only fine-tuning: a task whose head cannot be told fails
+    # there, with the task's error, not in every run.
+    return config.task_definition.head_names(_functional_model(config).module)
 
 
 @lru_cache(maxsize=4)
@@ -388,9 +396,19 @@ def evaluate(msg: Message, context: Context) -> Message:
         # Round 0's model is the untrained initialization: adapting it is training from scratch (the
         # benchmark's local-only), with the inner lr; adapt_lr is the step size for a trained model.
         config = config.replace(adapt_lr=0.0)
-    curve, guarded = client_personalization(device.fmodel, device.on_device(params), device.data, config)
+    # The server names the fine-tunings (one FedAvg model, evaluated as fedavg+ft, +head-ft and +prox-ft).
+    modes = [mode for mode in str(sent.get(FINETUNES_KEY, "full")).split(",") if mode]
+    unknown = sorted(set(modes) - set(METRIC_PREFIXES))
+    if unknown or not modes:
+        raise MetafleetError(f"the evaluation asks for fine-tunings {unknown or modes}; this device knows "
+                             f"{list(METRIC_PREFIXES)}")
     metrics = {"num-examples": 1, "client-id": device.client_id}
-    for step, plain_value, guarded_value in zip(device.config.eval_steps, curve, guarded, strict=True):
-        metrics[f"step-{step}"] = plain_value
-        metrics[f"guarded-step-{step}"] = guarded_value
+    on_device = device.on_device(params)
+    for mode in modes:
+        head = _head_names(device.config) if mode == "head" else frozenset()
+        curve, guarded = client_finetuning(device.fmodel, on_device, device.data, config, mode, head)
+        prefix = METRIC_PREFIXES[mode]
+        for step, plain_value, guarded_value in zip(device.config.eval_steps, curve, guarded, strict=True):
+            metrics[f"{prefix}step-{step}"] = plain_value
+            metrics[f"{prefix}guarded-step-{step}"] = guarded_value
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -32,6 +32,13 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapt-lr", type=float,
                         help="step size of held-out devices' personalization (default: --inner-lr; for fedavg's "
                         "fine-tuning, which the meta methods' inner lr does not bind)")
+    parser.add_argument("--eval-finetunes", metavar="MODE,...",
+                        help="how held-out devices fine-tune, comma-separated: full (every parameter, default), "
+                        "head (the head alone, the body kept), prox (every parameter, pulled towards the received "
+                        "model by --prox-lambda); one run evaluates each")
+    parser.add_argument("--head-adapt-lr", type=float, help="head-only fine-tuning's step size (default: --adapt-lr)")
+    parser.add_argument("--prox-lambda", type=float,
+                        help="proximal fine-tuning's pull λ: the loss plus (λ/2)·‖w − θ‖² (default: the task's)")
     parser.add_argument("--outer-optimizer", choices=["sgd", "adam"])
     parser.add_argument("--outer-lr", type=float, help="meta learning rate")
     parser.add_argument("--shots", type=int, help="support examples per class (points, for regression)")

@@ -29,16 +29,25 @@ SERVER_OPTION_DEFAULTS = {"out-dir": "", "resume": False, "node-wait-seconds": 1
 # use Adam on the server: their pseudo-gradients (Reptile's θ − θ' after a few small steps, or query
 # gradients) are small and uneven across layers, and Adam makes a fixed round budget count. For a
 # like-for-like baseline give fedavg the same server: --outer-optimizer adam.
-ALGORITHM_OUTER_OPTIMIZER = {"fedavg": "sgd", "reptile": "adam", "fomaml": "adam", "maml": "adam"}
+# Per-FedAvg's server averages the devices' local models, as FedAvg's does (Fallah et al. 2020, Algorithm 1).
+ALGORITHM_OUTER_OPTIMIZER = {"fedavg": "sgd", "reptile": "adam", "fomaml": "adam", "maml": "adam",
+                             "per-fedavg": "sgd"}
 OUTER_LR_DEFAULTS = {"sgd": 1.0, "adam": 0.01}
 # SecAgg+'s value range by what clients send. At the initial θ, on four clients of sinusoid, watch, omniglot
 # and fashion-mnist, model deltas (fedavg, reptile) stayed below 0.2, so Flower's default 8 never clamps
 # them; query gradients (fomaml, maml) reached 4.8 and exceed 8 on some sinusoid tasks, so they get 64
 # (quantization step 3e-5, still far below their size).
-SECAGG_RANGE_DEFAULTS = {"fedavg": 8.0, "reptile": 8.0, "fomaml": 64.0, "maml": 64.0}
+# Per-FedAvg sends a model delta too (β times a few query gradients), so it gets the deltas' range.
+SECAGG_RANGE_DEFAULTS = {"fedavg": 8.0, "reptile": 8.0, "fomaml": 64.0, "maml": 64.0, "per-fedavg": 8.0}
 # SecAgg+'s quantization: values in ±range become integers in [0, 2^22], a step of 2·range/2^22.
 SECAGG_QUANTIZATION_RANGE = 2**22
 DP_MODES = ("central", "distributed")
+# How a held-out device adapts the model it receives (metafleet.common.finetune): every step on every
+# parameter, the head alone, or every parameter pulled towards the received model.
+FINETUNES = ("full", "head", "prox")
+# Algorithms whose adaptation starts from a learned head: FedAvg's model is not meta-trained, and
+# Per-FedAvg's update has no prototype variant.
+LEARNED_HEAD_ALGORITHMS = ("fedavg", "per-fedavg")
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,13 @@ class RunConfig:
     # meta-trained for steps of inner_lr, so it keeps 0; FedAvg's model was never trained to be fine-tuned,
     # and its fine-tuning lr is a choice of its own (the benchmark's is chosen on validation clients).
     adapt_lr: float = 0.0
+    # The fine-tunings held-out devices evaluate, comma-separated (FINETUNES): "full" adapts every parameter
+    # with adapt_lr; "head" only the head's (task.head_names) with head_adapt_lr (0: adapt_lr); "prox" every
+    # parameter with adapt_lr on the loss plus (prox_lambda/2)·‖w − θ‖², θ the received model. One training
+    # run evaluates all it names, so the benchmark trains FedAvg once for its three fine-tuned baselines.
+    eval_finetunes: str = "full"
+    head_adapt_lr: float = 0.0
+    prox_lambda: float = 0.0
     eval_every: int = 10
     eval_steps: tuple[int, ...] = field(default_factory=tuple)
     min_replies: int = 1
@@ -162,7 +178,8 @@ class RunConfig:
             "ways": defaults.ways,
             "eval_episodes": defaults.eval_episodes,
             "train_shots": defaults.train_shots,
-            "head_init": defaults.meta_head_init if algorithm != "fedavg" else "learned",
+            "head_init": defaults.meta_head_init if algorithm not in LEARNED_HEAD_ALGORITHMS else "learned",
+            "prox_lambda": defaults.finetune_prox_lambda,
             "outer_optimizer": ALGORITHM_OUTER_OPTIMIZER[algorithm],
         }
         filled.update(given)
@@ -176,6 +193,8 @@ class RunConfig:
                 filled["train_ways"] = defaults.prototype_train_ways
         if algorithm == "fedavg" and "adapt_lr" not in given and defaults.finetune_lr:
             filled["adapt_lr"] = defaults.finetune_lr
+        if algorithm == "fedavg" and "head_adapt_lr" not in given and defaults.head_finetune_lr:
+            filled["head_adapt_lr"] = defaults.head_finetune_lr
         if "held_out_clients" not in given:
             # A task's default holds for its own fleet size, or for any where it names none (a folder fleet's).
             filled["held_out_clients"] = (
@@ -237,6 +256,18 @@ class RunConfig:
                  "can exceed ways only with head_init 'prototypes' (a learned head would score classes an "
                  "evaluation episode lacks)")
         _require(self, "head_init", self.head_init in HEAD_INITS, f"must be one of {list(HEAD_INITS)}")
+        _require(self, "head_init", self.head_init == "learned" or self.algorithm != "per-fedavg",
+                 "must be 'learned' for per-fedavg (its update has no prototype-head variant)")
+        _require(self, "eval_finetunes", bool(self.finetune_modes) and set(self.finetune_modes) <= set(FINETUNES)
+                 and len(set(self.finetune_modes)) == len(self.finetune_modes),
+                 f"must be distinct names from {list(FINETUNES)}, comma-separated")
+        # The plain curve is what the summary, the report and the progress line read.
+        _require(self, "eval_finetunes", "full" in self.finetune_modes, "must include 'full'")
+        _require(self, "eval_finetunes", self.finetune_modes == ("full",) or self.head_init == "learned",
+                 "'head' and 'prox' fine-tune a learned head; with head_init 'prototypes' evaluate 'full' only")
+        _require(self, "head_adapt_lr", self.head_adapt_lr == 0 or _finite_positive(self.head_adapt_lr),
+                 "must be 0 (the same as adapt_lr) or a finite number > 0")
+        _require(self, "prox_lambda", 0 <= self.prox_lambda < float("inf"), "must be a finite number >= 0")
         _require(self, "head_init", self.head_init != "prototypes" or task.prototype_heads,
                  f"'prototypes' needs a classifier with a linear head, which task {task.name} does not declare "
                  "(prototype_heads = True)")
@@ -386,6 +417,14 @@ class RunConfig:
     @property
     def adaptation_lr(self) -> float:
         return self.adapt_lr or self.inner_lr
+
+    @property
+    def finetune_modes(self) -> tuple[str, ...]:
+        return tuple(mode.strip() for mode in self.eval_finetunes.split(",") if mode.strip())
+
+    @property
+    def head_adaptation_lr(self) -> float:
+        return self.head_adapt_lr or self.adaptation_lr
 
     @property
     def training_ways(self) -> int:

@@ -22,6 +22,9 @@ Everything else is optional:
     a ``TaskDefaults`` (or a dict of its fields): inner lr, inner steps, shots, outer lr, evaluation steps...;
 ``prototype_heads``
     True where the model is ``head(features(x))`` with a linear head, so ``--head-init prototypes`` applies;
+``head_parameters``
+    the names of the parameters head-only fine-tuning adapts (``fedavg+head-ft``); default: those of the
+    model's ``head`` submodule, else those of the ``nn.Linear`` that holds the model's last parameter;
 ``sampling``
     ``"uniform"`` (default: an episode takes ``shots`` examples in all, a device's label mix kept) or
     ``"per-class"`` (``shots`` examples of each class, the few-shot protocol; declare ``num_classes``);
@@ -105,6 +108,11 @@ class TaskDefaults:
     prototype_train_ways: int = 0
     # FedAvg's fine-tuning step size on held-out devices (0: inner_lr), chosen on validation clients.
     finetune_lr: float = 0.0
+    # Head-only fine-tuning's step size (0: finetune_lr), and proximal fine-tuning's pull λ towards the
+    # received model, both chosen on validation clients (scripts/tune-adapt-lr). λ = 1 where a task has not
+    # tuned it: Ditto's middle value (Li et al., ICML 2021, tried 0.01 to 2).
+    head_finetune_lr: float = 0.0
+    finetune_prox_lambda: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,8 @@ class Task:
     # True where the seed deals the task's own data (a generated or randomly partitioned fleet): client 3 of
     # seed 0 and client 3 of seed 1 are then different devices, not one device measured twice.
     clients_depend_on_seed: bool = False
+    # The parameters head-only fine-tuning adapts (None: found by ``head_names``).
+    head_parameters: tuple[str, ...] | None = None
 
     @property
     def regression(self) -> bool:
@@ -179,6 +189,35 @@ class Task:
             raise TaskError(f"task {self.name}: make_model() returned {type(model).__name__}, not a torch.nn.Module")
         check_functional(model, self.name)
         return model
+
+    def head_names(self, model: nn.Module) -> frozenset[str]:
+        """The parameters of ``model`` that head-only fine-tuning adapts: the task's ``head_parameters``, else
+        the ``head`` submodule's (the bundled models are ``head(features(x))``), else those of the
+        ``nn.Linear`` holding the last parameter (an MLP's output layer). Anything else is a model whose head
+        cannot be told from its structure: one error, saying what to declare."""
+        names = [name for name, _ in model.named_parameters()]
+        if self.head_parameters is not None:
+            unknown = sorted(set(self.head_parameters) - set(names))
+            if unknown or not self.head_parameters:
+                raise TaskError(f"task {self.name}: head_parameters {list(self.head_parameters)} must name some of "
+                                f"the model's parameters {names}" + (f"; unknown: {unknown}" if unknown else ""))
+            return frozenset(self.head_parameters)
+        head = getattr(model, "head", None)
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return frozenset(f"head.{name}" for name, _ in head.named_parameters())
+        # A root module's own parameters come first in named_parameters() but may act last (an output scale),
+        # so the last parameter names the output layer only where the root has none of its own.
+        own = [name for name, _ in model.named_parameters(recurse=False)]
+        if names and (not own or isinstance(model, nn.Linear)):
+            owner_name = names[-1].rpartition(".")[0]
+            owner = model.get_submodule(owner_name) if owner_name else model
+            if isinstance(owner, nn.Linear):
+                return frozenset(f"{owner_name}.{name}" for name, _ in owner.named_parameters())
+        why = (f"its own parameters {own} may act after any layer" if own
+               else f"its last parameter {names[-1]!r} is not in an nn.Linear" if names else "it has no parameters")
+        raise TaskError(f"task {self.name}: cannot tell the model's head for head-only fine-tuning (no 'head' "
+                        f"submodule, and {why}); declare "
+                        "head_parameters = (\"name.weight\", ...) in the task")
 
     def episode_examples(self, config: Any) -> int:
         """Examples in one training episode: every client's aggregation weight, and so SecAgg+'s max weight."""
@@ -352,6 +391,11 @@ def task_from_namespace(source: Any, spec: str, default_name: str) -> Task:
     values["defaults"] = _defaults(getattr(source, "defaults", None), where)
     values["prototype_heads"] = bool(getattr(source, "prototype_heads", False))
     values["clients_depend_on_seed"] = bool(getattr(source, "clients_depend_on_seed", False))
+    head_parameters = getattr(source, "head_parameters", None)
+    if head_parameters is not None:
+        if not isinstance(head_parameters, (tuple, list)) or not all(isinstance(n, str) for n in head_parameters):
+            raise TaskError(f"{where}: head_parameters must be a sequence of parameter names, got {head_parameters!r}")
+        values["head_parameters"] = tuple(head_parameters)
     sampling = getattr(source, "sampling", "uniform")
     if sampling not in SAMPLINGS:
         raise TaskError(f"{where}: sampling must be one of {list(SAMPLINGS)}, got {sampling!r}")

@@ -14,6 +14,7 @@ import torch
 
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Fleet
+from metafleet.common.finetune import adapter, finetuned_and_guarded
 from metafleet.common.meta import (
     Episode,
     FunctionalModel,
@@ -74,6 +75,28 @@ def client_personalization(
         )
         plain.append(curve)
         guarded.append(guarded_curve(fmodel, params, episode.support, curve, config.eval_steps, config.adaptation_lr))
+    return [float(v) for v in np.mean(plain, axis=0)], [float(v) for v in np.mean(guarded, axis=0)]
+
+
+def client_finetuning(
+    fmodel: FunctionalModel, params: Params, client: ClientData, config: RunConfig, mode: str,
+    head: frozenset[str] = frozenset(),
+) -> tuple[list[float], list[float]]:
+    """``client_personalization`` for fine-tuning ``mode`` (``metafleet.common.config.FINETUNES``) on the
+    same evaluation episodes: "full" is ``client_personalization`` itself; "head" adapts only ``head`` with
+    the head lr; "prox" adapts every parameter with the fine-tuning lr, pulled towards the received
+    ``params`` by ``config.prox_lambda``."""
+    if mode == "full":
+        return client_personalization(fmodel, params, client, config)
+    lr = config.head_adaptation_lr if mode == "head" else config.adaptation_lr
+    adapt = adapter(mode, fmodel, params, lr, head=head, prox_lambda=config.prox_lambda)
+    plain, guarded = [], []
+    device = params_device(params)
+    for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None, config.eval_episodes):
+        episode = episode.to(device)
+        curve, kept = finetuned_and_guarded(fmodel, params, episode.support, episode.query, config.eval_steps, adapt)
+        plain.append(curve)
+        guarded.append(kept)
     return [float(v) for v in np.mean(plain, axis=0)], [float(v) for v in np.mean(guarded, axis=0)]
 
 

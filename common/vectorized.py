@@ -83,7 +83,24 @@ def device_update(algorithm: str, fmodel: FunctionalModel, steps: int, lr: float
         loss_before = fmodel.loss(fmodel.start(theta, (sx, sy)), (qx, qy))
         return fmodel.without_replaced(meta_grad), loss_before, query_loss
 
-    updates = {"fedavg": fedavg, "reptile": reptile, "fomaml": fomaml, "maml": maml}
+    def per_fedavg(theta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+        # meta.per_fedavg_update: each step a support step to θ_tmp, then θ moves by the query gradient there.
+        loss_grad = grad(fmodel.loss)
+        received = {name: t.detach() for name, t in theta.items()}
+
+        def one_step_query_loss(params: Params) -> Tensor:
+            return fmodel.loss(_adapt(fmodel, params, (sx, sy), 1, lr, differentiable=False), (qx, qy))
+
+        current = received
+        for _ in range(steps):
+            support_grad = loss_grad(current, (sx, sy))
+            temporary = {name: (p - lr * support_grad[name]).detach() for name, p in current.items()}
+            query_grad = loss_grad(temporary, (qx, qy))
+            current = {name: (p - lr * query_grad[name]).detach() for name, p in current.items()}
+        delta = {name: received[name] - current[name] for name in received}
+        return delta, one_step_query_loss(received), one_step_query_loss(current)
+
+    updates = {"fedavg": fedavg, "reptile": reptile, "fomaml": fomaml, "maml": maml, "per-fedavg": per_fedavg}
     if algorithm not in updates:
         raise ValueError(f"the vectorized backend has no update for algorithm {algorithm!r}")
     return updates[algorithm]

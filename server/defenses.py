@@ -101,8 +101,8 @@ class RepresentationalSimilarity:
     much the model it leads to represents a public stimulus set as the global model does.
 
     The server holds a few inputs per class that no device holds (the task's ``stimuli()`` or
-    ``--rsa-stimuli``). For θ and for each device's model — θ − g for fedavg and reptile, whose update g is
-    θ minus the device's adapted model, and θ − α·g (α the inner lr) for fomaml and maml, whose update is a
+    ``--rsa-stimuli``). For θ and for each device's model — θ − g for fedavg, reptile and per-fedavg, whose
+    update g is θ minus the device's adapted model, and θ − α·g (α the inner lr) for fomaml and maml, whose update is a
     meta-gradient — it computes the representational dissimilarity matrix: the Euclidean distances between
     the model's outputs (class probabilities for a classifier) for every pair of stimuli. A device's score
     is the Pearson correlation of its matrix's upper triangle with θ's; its weight is its example count times

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from metafleet.common.compression import decode
 from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
+from metafleet.common.finetune import FINETUNES_KEY, METRIC_PREFIXES
 from metafleet.common.fleets import functional_model
 from metafleet.common.meta import Params, check_update, global_norm
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
@@ -215,7 +216,9 @@ class MetaStrategy(FedAvg):
     ) -> Iterable[Message]:
         if not (force or self.is_evaluation_round(server_round)) or not self.held_out_nodes:
             return []
-        eval_config = ConfigRecord({**dict(config), "server-round": server_round})
+        # The devices evaluate every fine-tuning the run names on the one model they receive.
+        eval_config = ConfigRecord({**dict(config), "server-round": server_round,
+                                    FINETUNES_KEY: self.config.eval_finetunes})
         return [
             Message(RecordDict({"arrays": arrays, "config": eval_config}), node, MessageType.EVALUATE)
             for node in self.held_out_nodes
@@ -223,9 +226,12 @@ class MetaStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Mean and 95% CI over held-out clients at each step count, with and without the device's guard,
-        plus every client's own values (``client-ids``, ``clients-step-N``) for pooling across folds."""
+        plus every client's own values (``client-ids``, ``clients-step-N``) for pooling across folds. Each
+        fine-tuning besides "full" has its keys under its prefix (``clients-head-ft-step-N``...)."""
         steps = self.config.eval_steps
+        prefixes = [METRIC_PREFIXES[mode] for mode in self.config.finetune_modes]
         client_ids, curves, guarded_curves, backdoor_curves = [], [], [], []
+        extra_curves: dict[str, list[list[float]]] = {p + kind: [] for p in prefixes if p for kind in ("", "guarded-")}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -234,19 +240,24 @@ class MetaStrategy(FedAvg):
             values = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
             curve = [values.get(f"step-{step}") for step in steps]
             guarded = [values.get(f"guarded-step-{step}") for step in steps]
-            if not all(_finite_number(v) for v in curve + guarded) or not _finite_number(values.get("client-id")):
-                problem = f"evaluation reply lacks client-id or finite step-N, guarded-step-N: {sorted(values)}"
+            extra = {key: [values.get(f"{key}step-{step}") for step in steps] for key in extra_curves}
+            every = curve + guarded + [v for row in extra.values() for v in row]
+            if not all(_finite_number(v) for v in every) or not _finite_number(values.get("client-id")):
+                wanted = ", ".join(f"{p}step-N, {p}guarded-step-N" for p in prefixes)
+                problem = f"evaluation reply lacks client-id or finite {wanted}: {sorted(values)}"
                 self._reject(server_round, node, problem)
                 continue
             client_ids.append(int(values["client-id"]))
             curves.append(curve)
             guarded_curves.append(guarded)
+            for key, row in extra.items():
+                extra_curves[key].append(row)
             # A simulated backdoor's success on this device (metafleet.simulations.attacks), where measured.
             backdoor_curves.append([values.get(f"backdoor-step-{step}") for step in steps])
         if not curves:
             return None
         result: dict[str, Any] = {"clients": len(curves), "client-ids": client_ids}
-        groups = [("", curves), ("guarded-", guarded_curves)]
+        groups = [("", curves), ("guarded-", guarded_curves), *extra_curves.items()]
         backdoor_rows = [row for row in backdoor_curves if all(_finite_number(v) for v in row)]
         if backdoor_rows:
             groups.append(("backdoor-", backdoor_rows))
@@ -309,15 +320,24 @@ class MAMLStrategy(MetaStrategy):
     algorithm = "maml"
 
 
+class PerFedAvgStrategy(MetaStrategy):
+    """Per-FedAvg (Fallah, Mokhtari & Ozdaglar, "Personalized Federated Learning with Theoretical Guarantees: A
+    Model-Agnostic Meta-Learning Approach", NeurIPS 2020), first-order: clients take MAML-style local steps and
+    send θ − θ'; the server averages the local models (outer SGD, step 1)."""
+
+    algorithm = "per-fedavg"
+
+
 STRATEGIES: dict[str, type[MetaStrategy]] = {
-    cls.algorithm: cls for cls in (FedAvgStrategy, ReptileStrategy, FOMAMLStrategy, MAMLStrategy)
+    cls.algorithm: cls
+    for cls in (FedAvgStrategy, ReptileStrategy, FOMAMLStrategy, MAMLStrategy, PerFedAvgStrategy)
 }
 
 
 def rsa_judge(config: RunConfig) -> RepresentationalSimilarity:
     """--defense rsa's judge: the model as a function, the stimuli, and how far an update moves θ."""
     fmodel = functional_model(config)
-    step = 1.0 if config.algorithm in ("fedavg", "reptile") else config.inner_lr
+    step = 1.0 if config.algorithm in ("fedavg", "reptile", "per-fedavg") else config.inner_lr
     defense = config.defense_definition
     return RepresentationalSimilarity(fmodel, load_stimuli(config, fmodel), step, defense.rsa_drops_outliers,
                                       defense.rsa_consensus)

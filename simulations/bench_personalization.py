@@ -7,9 +7,15 @@ methods compared, all with the same client compute (``inner_steps`` local steps 
 - ``fedavg``: the FedAvg model, used as it is (0 adaptation steps);
 - ``fedavg+ft``: the FedAvg model fine-tuned on the device's support set (the same steps, at the dataset's
   fine-tuning lr ``finetune_lr``, chosen on validation clients; the inner lr where it has none);
+- ``fedavg+head-ft``: the same model with only its head fine-tuned, the body kept (FedPer / FedRep style), at
+  the task's ``head_finetune_lr`` (``finetune_lr`` where it has none);
+- ``fedavg+prox-ft``: the same model fine-tuned with a pull towards it, ``(λ/2)·‖w − θ‖²`` (Ditto style), at
+  ``finetune_lr`` with the task's ``finetune_prox_lambda``. Both are chosen on validation clients as
+  ``finetune_lr`` is (``scripts/tune-adapt-lr``), and all three fine-tunings evaluate the one FedAvg run
+  (``eval_finetunes``), on the same devices and episodes;
 - ``local-only``: the untrained initialization trained on the support set alone with the inner lr (round 0
   of the fedavg runs);
-- ``reptile``, ``fomaml``, ``maml``: the meta-learned initialization, adapted;
+- ``reptile``, ``fomaml``, ``maml``, ``per-fedavg``: the meta-learned initialization, adapted;
 - ``+guard`` rows: the same devices, each keeping its adapted model only when cross-validation on its own
   support set says adaptation helps (``metafleet.common.meta.keeps_adaptation``).
 
@@ -47,9 +53,15 @@ from metafleet.common.task import BenchmarkPlan, BenchmarkSetting, load_task
 from metafleet.common.tasks import BUILTIN_TASKS
 from metafleet.simulations.cli import BACKENDS
 
-ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml")
+ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml", "per-fedavg")
+# What every method is paired with in results.md: the fine-tunings of FedAvg's model a user would pick
+# instead of meta-learning. Each is (method, metric-key prefix of the FedAvg run's evaluations).
+BASELINES = (("fedavg+ft", ""), ("fedavg+head-ft", "head-ft-"), ("fedavg+prox-ft", "prox-ft-"))
+# FedAvg runs evaluate all three fine-tunings of their one model.
+FEDAVG_FINETUNES = "full,head,prox"
 # One colour per method in every plot; the FedAvg run's curves share fedavg+ft's.
-COLORS = {"local-only": "C0", "fedavg+ft": "C1", "fedavg": "C1", "reptile": "C2", "fomaml": "C3", "maml": "C4"}
+COLORS = {"local-only": "C0", "fedavg+ft": "C1", "fedavg": "C1", "reptile": "C2", "fomaml": "C3", "maml": "C4",
+          "fedavg+head-ft": "C5", "fedavg+prox-ft": "C6", "per-fedavg": "C7"}
 
 
 Setting = BenchmarkSetting
@@ -148,8 +160,10 @@ def run_all(plan: Plan, out: Path, algorithms: Sequence[str], execution: Executi
         name = run_name(setting, algorithm, fold, seed)
         run_dir = out / "runs" / name
         runs[name] = run_dir
+        finetunes = {"eval_finetunes": FEDAVG_FINETUNES} if algorithm == "fedavg" else {}
         config = RunConfig.resolve(task=plan.dataset, data=plan.data or None, algorithm=algorithm,
-                                   rounds=plan.rounds, fold=fold, seed=seed, **plan.common, **setting.overrides)
+                                   rounds=plan.rounds, fold=fold, seed=seed, **plan.common, **setting.overrides,
+                                   **finetunes)
         if (run_dir / "summary.json").is_file():
             _check_finished_run(run_dir, config)
             continue
@@ -184,8 +198,9 @@ def _evaluations(run_dir: Path) -> list[dict[str, Any]]:
     return [row for row in rows if row["phase"] == "evaluate"]
 
 
-def _per_client(row: dict[str, Any], steps: Sequence[int], guarded: bool = False) -> dict[int, list[float]]:
-    prefix = "guarded-" if guarded else ""
+def _per_client(row: dict[str, Any], steps: Sequence[int], guarded: bool = False,
+                finetune: str = "") -> dict[int, list[float]]:
+    prefix = finetune + ("guarded-" if guarded else "")
     columns = [row[f"clients-{prefix}step-{s}"] for s in steps]
     return {int(c): [float(col[i]) for col in columns] for i, c in enumerate(row["client-ids"])}
 
@@ -219,9 +234,10 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                     sources = {algorithm: _per_client(final, steps),
                                f"{algorithm}+guard": _per_client(final, steps, guarded=True)}
                     if algorithm == "fedavg":
-                        sources["local-only"] = _per_client(initial, steps)
-                        sources["fedavg+ft"] = sources.pop("fedavg")
-                        sources["fedavg+ft+guard"] = sources.pop("fedavg+guard")
+                        sources = {"local-only": _per_client(initial, steps)}
+                        for method, prefix in BASELINES:
+                            sources[method] = _per_client(final, steps, finetune=prefix)
+                            sources[f"{method}+guard"] = _per_client(final, steps, guarded=True, finetune=prefix)
                     for method, clients in sources.items():
                         walls[method] = walls.get(method, 0.0) + float(summary["wall_seconds"])
                         table = per_method.setdefault(method, {})
@@ -229,9 +245,14 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                             device = names[client] if names else str(client)
                             device = f"{device}/seed{seed}" if per_seed_clients else device
                             table.setdefault((device, seed), curve)
-                    by_round = over_rounds.setdefault((setting.label, algorithm), {})
-                    for row in evaluations:
-                        by_round.setdefault(row["round"], []).append(row[f"mean-step-{steps[-1]}"])
+                    curves_over_rounds = BASELINES if algorithm == "fedavg" else ((algorithm, ""),)
+                    for method, prefix in curves_over_rounds:
+                        by_round = over_rounds.setdefault((setting.label, method), {})
+                        for row in evaluations:
+                            # A run made before eval_finetunes existed has only the plain keys.
+                            key = f"mean-{prefix}step-{steps[-1]}"
+                            if key in row:
+                                by_round.setdefault(row["round"], []).append(row[key])
         for method, table in per_method.items():
             clients = sorted({device for device, _ in table})
             curves = np.array([np.mean([table[(c, s)] for s in plan.seeds if (c, s) in table], axis=0)
@@ -298,18 +319,28 @@ def paired_difference(method: dict[str, Any], baseline: dict[str, Any]) -> tuple
 
 
 def _paired_lines(rows: list[dict], step: int) -> list[str]:
-    """results.md's paired comparison of every method with fine-tuned FedAvg after ``step`` steps."""
+    """results.md's paired comparison of every method with each baseline (``BASELINES``) after ``step``
+    steps: one column a baseline, so a meta method's gain is read against the strongest fine-tuning, not
+    only against plain fine-tuning."""
     at_step = {r["algorithm"]: r for r in rows if r["steps"] == step}
-    baseline = at_step.get("fedavg+ft")
-    if baseline is None:
+    baselines = [name for name, _ in BASELINES if name in at_step]
+    if not baselines:
         return []
-    lines = [f"Paired with fedavg+ft after {step} steps (method − fedavg+ft over the same clients):", "",
-             "| method | difference | clients ahead / behind |", "|---|---|---|"]
+    lines = [f"Paired with each baseline after {step} steps (method − baseline over the same clients; clients "
+             "ahead / behind):", "",
+             "| method | " + " | ".join(f"− {name}" for name in baselines) + " |",
+             "|---" * (len(baselines) + 1) + "|"]
     for name, row in at_step.items():
-        if name in ("fedavg+ft", "fedavg"):
+        if name == "fedavg":
             continue
-        mean, ci, ahead, behind, clients = paired_difference(row, baseline)
-        lines.append(f"| {name} | {mean:+.4f} ± {ci:.4f} | {ahead} / {behind} of {clients} |")
+        cells = []
+        for baseline in baselines:
+            if name == baseline:
+                cells.append("")
+                continue
+            mean, ci, ahead, behind, clients = paired_difference(row, at_step[baseline])
+            cells.append(f"{mean:+.4f} ± {ci:.4f} ({ahead} / {behind} of {clients})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -360,8 +391,9 @@ def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
 def personalization_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="metafleet bench personalization",
-        description="Compare fedavg, fedavg+fine-tuning, local-only training, reptile, fomaml and maml on "
-        "held-out clients, through real federated runs. Writes results.json, results.md and plots.",
+        description="Compare fedavg, its fine-tunings (full, head-only, proximal), local-only training, "
+        "reptile, fomaml, maml and per-fedavg on held-out clients, through real federated runs. Writes "
+        "results.json, results.md and plots.",
     )
     parser.add_argument("--dataset", choices=list(BUILTIN_TASKS), help="a built-in task (the same as --task NAME)")
     parser.add_argument("--task", help="the task: a built-in's name, FILE.py or package.module[:attr]")

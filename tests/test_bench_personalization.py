@@ -30,7 +30,8 @@ def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_fin
     write_results(plan, tmp_path, rows, over_rounds, elapsed=1.0)
 
     methods = {row["algorithm"] for row in rows}
-    assert methods == {"fedavg", "fedavg+ft", "fedavg+ft+guard", "local-only", "reptile", "reptile+guard"}
+    assert methods == {"fedavg", "fedavg+ft", "fedavg+ft+guard", "fedavg+head-ft", "fedavg+head-ft+guard",
+                       "fedavg+prox-ft", "fedavg+prox-ft+guard", "local-only", "reptile", "reptile+guard"}
     # Two folds of two held-out clients, pooled; each seed draws new sinusoids, so 8 devices, not 4 twice.
     assert all(row["clients"] == 8 for row in rows)
     assert {row["steps"] for row in rows if row["algorithm"] == "fedavg"} == {0}
@@ -42,7 +43,18 @@ def test_tiny_benchmark_in_parallel_pools_folds_per_client_and_does_not_redo_fin
     assert "| reptile |" in (tmp_path / "results.md").read_text()
     last_step = max(row["steps"] for row in rows)
     assert all(len(row["per_client"]) == 8 and any(c.endswith("/seed1") for c in row["per_client"]) for row in rows)
-    assert f"Paired with fedavg+ft after {last_step} steps" in (tmp_path / "results.md").read_text()
+    markdown = (tmp_path / "results.md").read_text()
+    assert f"Paired with each baseline after {last_step} steps" in markdown
+    assert "| method | − fedavg+ft | − fedavg+head-ft | − fedavg+prox-ft |" in markdown
+    # Every method against each baseline; a baseline's own cell is empty.
+    paired = markdown.split("Paired with each baseline")[1].splitlines()
+    assert next(line for line in paired if line.startswith("| reptile |")).count(" of 8)") == 3
+    assert next(line for line in paired if line.startswith("| fedavg+head-ft |")).count(" of 8)") == 2
+    # The three fine-tunings of the one FedAvg model start from it (0 steps) and then differ.
+    at = {(r["algorithm"], r["steps"]): r["per_client"] for r in rows}
+    assert at[("fedavg+head-ft", 0)] == at[("fedavg+prox-ft", 0)] == at[("fedavg+ft", 0)]
+    assert at[("fedavg+head-ft", last_step)] != at[("fedavg+ft", last_step)]
+    assert at[("fedavg+prox-ft", last_step)] != at[("fedavg+ft", last_step)]
     assert (tmp_path / "personalization-0.png").stat().st_size > 0
 
     stamps = {name: (run / "summary.json").stat().st_mtime_ns for name, run in runs.items()}

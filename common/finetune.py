@@ -1,0 +1,140 @@
+"""How a held-out device fine-tunes the model it receives: the baselines users would pick instead of
+meta-learning, each an evaluation-time variant of adapting FedAvg's model.
+
+- ``full`` (``fedavg+ft``): plain SGD on every parameter (``metafleet.common.meta.adapt``);
+- ``head`` (``fedavg+head-ft``, FedPer / FedRep style: Arivazhagan et al. 2019, Collins et al., ICML 2021):
+  the body stays as the fleet learnt it and only the head adapts, so a few support examples cannot
+  overwrite the shared representation;
+- ``prox`` (``fedavg+prox-ft``, Ditto style: Li et al., ICML 2021): SGD on every parameter for the support
+  loss plus ``(λ/2)·‖w − θ‖²``, a pull towards the received model θ, so the personal model stays near the
+  global one by as much as λ says.
+
+They differ only in the step, so one FedAvg training run is evaluated with all three on the same devices
+(the evaluation message names the fine-tunings; ``metafleet.client.app``). The ``full`` mode keeps going
+through ``meta.personalization_curve`` and ``meta.guarded_curve``, so its numbers stay those of earlier runs;
+the other two use the same incremental curve and the same cross-validation guard, written here around a
+step function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from metafleet.common.errors import ConfigError
+from metafleet.common.meta import (
+    Batch,
+    FunctionalModel,
+    Params,
+    _first_order_grad_and_loss,
+    cross_validation_folds,
+)
+
+# (parameters, support, steps) -> the parameters after that many more steps.
+Adapter = Callable[[Params, Batch, int], Params]
+# The prefix of a mode's metric keys (step-N, guarded-step-N) in evaluation replies and metrics.jsonl;
+# "full" keeps the unprefixed keys every earlier run wrote.
+METRIC_PREFIXES = {"full": "", "head": "head-ft-", "prox": "prox-ft-"}
+# The evaluation message's config key naming the fine-tunings, comma-separated; a message without it comes
+# from a server that knows only "full".
+FINETUNES_KEY = "finetunes"
+
+
+def head_adapt(fmodel: FunctionalModel, params: Params, support: Batch, steps: int, lr: float,
+               head: frozenset[str]) -> Params:
+    """``steps`` SGD steps on the parameters named in ``head``; every other tensor takes part in no
+    arithmetic, so the body comes back bit-identical by construction, not by rounding luck."""
+    if steps < 0:
+        raise ConfigError("eval_steps", steps, "must be >= 0")
+    missing = sorted(head - set(params))
+    if not head or missing:
+        raise ConfigError("head", sorted(head), f"must name some of the model's parameters (unknown: {missing})")
+    params = {name: t.detach() for name, t in params.items()}
+    for _ in range(steps):
+        with torch.enable_grad():
+            # Only the head's tensors are leaves: the body's gradient is never computed (a conv body's
+            # backward is most of a step's cost).
+            leaves = {name: params[name].detach().requires_grad_(True) for name in sorted(head)}
+            loss = fmodel.loss({**params, **leaves}, support)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        params = {**params, **{name: (leaves[name] - lr * g).detach()
+                               for (name, g) in zip(leaves, grads, strict=True)}}
+    return params
+
+
+def proximal_adapt(fmodel: FunctionalModel, params: Params, support: Batch, steps: int, lr: float,
+                   prox_lambda: float, anchor: Params) -> Params:
+    """``steps`` SGD steps on ``L(w) + (λ/2)·‖w − anchor‖²``: the loss gradient plus ``λ(w − anchor)``.
+
+    The pull is added to the loss gradient rather than differentiated with it, so λ = 0 adds exact zeros and
+    the steps are bit for bit those of plain fine-tuning (the tests hold it to that)."""
+    if steps < 0:
+        raise ConfigError("eval_steps", steps, "must be >= 0")
+    if not 0 <= prox_lambda < float("inf"):
+        raise ConfigError("prox_lambda", prox_lambda, "must be a finite number >= 0")
+    params = {name: t.detach() for name, t in params.items()}
+    anchor = {name: t.detach() for name, t in anchor.items()}
+    for _ in range(steps):
+        grads, _ = _first_order_grad_and_loss(fmodel, params, support)
+        params = {name: p - lr * (grads[name] + prox_lambda * (p - anchor[name])) for name, p in params.items()}
+    return params
+
+
+def adapter(mode: str, fmodel: FunctionalModel, anchor: Params, lr: float, *, head: frozenset[str] = frozenset(),
+            prox_lambda: float = 0.0) -> Adapter:
+    """The step function of fine-tuning ``mode`` from the received model ``anchor`` (prox's pull target)."""
+    if mode == "head":
+        return lambda params, support, steps: head_adapt(fmodel, params, support, steps, lr, head)
+    if mode == "prox":
+        return lambda params, support, steps: proximal_adapt(fmodel, params, support, steps, lr, prox_lambda, anchor)
+    # "full" has no adapter here: it goes through meta.personalization_curve (see the module docstring).
+    raise ConfigError("eval_finetunes", mode, "must be 'head' or 'prox' here")
+
+
+def finetune_curve(fmodel: FunctionalModel, params: Params, query: Batch, support: Batch, steps: Sequence[int],
+                   adapt: Adapter) -> list[float]:
+    """The query metric after each number of ``adapt`` steps in ``steps`` (ascending, from 0), incrementally:
+    the whole curve costs ``max(steps)`` steps, as ``meta.personalization_curve``'s does."""
+    if not steps or steps[0] != 0 or list(steps) != sorted(set(steps)):
+        raise ConfigError("eval_steps", list(steps), "must be strictly increasing and start at 0")
+    curve, adapted, done = [], {name: t.detach() for name, t in params.items()}, 0
+    for target in steps:
+        adapted = adapt(adapted, support, target - done)
+        done = target
+        curve.append(fmodel.metric(adapted, query))
+    return curve
+
+
+def finetune_guard(fmodel: FunctionalModel, support: Batch, steps: Sequence[int], adapt: Adapter, params: Params,
+                   max_folds: int = 5) -> list[bool]:
+    """``meta.guard_decisions`` for any fine-tuning: for each step count, does ``adapt`` lower the summed loss
+    of support folds held out in turn? The device then keeps a baseline's adapted model under the same rule
+    as a meta method's, so ``+guard`` rows compare like with like."""
+    folds = cross_validation_folds(support, fmodel.objective, max_folds)
+    if not folds:
+        return [True] * len(steps)
+    x, y = support
+    adapted_loss, base_loss = [0.0] * len(steps), 0.0
+    for held in folds:
+        keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
+        keep[held] = False
+        held_batch, rest = (x[held], y[held]), (x[keep], y[keep])
+        with torch.no_grad():
+            base_loss += float(fmodel.loss(params, held_batch)) * len(held)
+        adapted, done = params, 0
+        for index, target in enumerate(steps):
+            adapted = adapt(adapted, rest, target - done)
+            done = target
+            with torch.no_grad():
+                adapted_loss[index] += float(fmodel.loss(adapted, held_batch)) * len(held)
+    return [step == 0 or loss < base_loss for step, loss in zip(steps, adapted_loss, strict=True)]
+
+
+def finetuned_and_guarded(fmodel: FunctionalModel, params: Params, support: Batch, query: Batch,
+                          steps: Sequence[int], adapt: Adapter) -> tuple[list[float], list[float]]:
+    """(the plain curve, the curve as the guard delivers it: the adapted metric where it keeps adaptation,
+    else the unadapted one)."""
+    curve = finetune_curve(fmodel, params, query, support, steps, adapt)
+    decisions = finetune_guard(fmodel, support, steps, adapt, params)
+    return curve, [value if kept else curve[0] for value, kept in zip(curve, decisions, strict=True)]
