@@ -224,6 +224,7 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                     summary = json.loads((run_dir / "summary.json").read_text())
                     config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
                     steps, metric = list(config.eval_steps), summary["personalization"]["metric"]
+                    higher_is_better = config.task_definition.objective.higher_is_better
                     evaluations = _evaluations(run_dir)
                     initial, final = evaluations[0], evaluations[-1]
                     if initial["round"] != 0 or final["round"] != config.rounds:
@@ -261,7 +262,8 @@ def collect(plan: Plan, runs: dict[str, Path], algorithms: Sequence[str]) -> tup
                 mean, ci = mean_and_ci95(curves[:, index])
                 rows.append({"dataset": load_task(plan.dataset).name, "setting": setting.label, "algorithm": method,
                              "shots": setting.overrides.get("shots"), "steps": step, "metric": metric,
-                             "mean": mean, "ci95": ci, "clients": len(clients), "seeds": len(plan.seeds),
+                             "higher_is_better": higher_is_better, "mean": mean, "ci95": ci,
+                             "clients": len(clients), "seeds": len(plan.seeds),
                              "rounds": plan.rounds, "wall_seconds": walls[method],
                              "per_client": {c: float(v) for c, v in zip(clients, curves[:, index], strict=True)}})
         # FedAvg without adaptation is the fine-tuned model's step 0.
@@ -306,7 +308,8 @@ def write_results(plan: Plan, out: Path, rows: list[dict], over_rounds: dict, el
 
 
 def paired_difference(method: dict[str, Any], baseline: dict[str, Any]) -> tuple[float, float, int, int, int]:
-    """Mean ± 95% CI of method − baseline over the clients both rows hold; clients ahead, behind, in all.
+    """Mean ± 95% CI of method − baseline over the clients both rows hold; clients where the method is
+    ahead (better: higher accuracy, lower MSE), behind, in all.
 
     Clients differ a lot from one another; the difference on the same clients removes that spread, which
     the two rows' own CIs include."""
@@ -315,7 +318,8 @@ def paired_difference(method: dict[str, Any], baseline: dict[str, Any]) -> tuple
         raise MetafleetError(f"{method['algorithm']} and {baseline['algorithm']} share no clients")
     differences = [method["per_client"][c] - baseline["per_client"][c] for c in shared]
     mean, ci = mean_and_ci95(differences)
-    return mean, ci, sum(d > 0 for d in differences), sum(d < 0 for d in differences), len(shared)
+    sign = 1 if method.get("higher_is_better", True) else -1
+    return mean, ci, sum(sign * d > 0 for d in differences), sum(sign * d < 0 for d in differences), len(shared)
 
 
 def _paired_lines(rows: list[dict], step: int) -> list[str]:

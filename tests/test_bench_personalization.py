@@ -114,3 +114,7 @@ def test_paired_difference_uses_only_shared_clients_and_counts_both_directions()
     assert ci == pytest.approx(12.706 * 0.1)  # t(1) × the differences' standard error, sd 0.1414 / sqrt(2)
     with pytest.raises(MetafleetError, match="share no clients"):
         paired_difference(method, {"algorithm": "fedavg+ft", "per_client": {"3": 0.5}})
+    # Where lower is better (MSE), a lower value is the method being ahead.
+    mse = {"algorithm": "maml", "higher_is_better": False, "per_client": {"1": 0.5, "2": 0.6, "3": 0.9}}
+    flat = {"algorithm": "fedavg+ft", "per_client": {"1": 0.8, "2": 0.8, "3": 0.8}}
+    assert paired_difference(mse, flat)[2:] == (2, 1, 3)
