@@ -29,13 +29,17 @@ SERVER_OPTION_DEFAULTS = {"out-dir": "", "resume": False, "node-wait-seconds": 1
 # use Adam on the server: their pseudo-gradients (Reptile's θ − θ' after a few small steps, or query
 # gradients) are small and uneven across layers, and Adam makes a fixed round budget count. For a
 # like-for-like baseline give fedavg the same server: --outer-optimizer adam.
-ALGORITHM_OUTER_OPTIMIZER = {"fedavg": "sgd", "reptile": "adam", "fomaml": "adam", "maml": "adam"}
+# Meta-SGD's learned rates are stored as log α (metafleet.common.meta.with_learned_rates): Adam's steps of about
+# its lr a round then change each rate by about that fraction.
+ALGORITHM_OUTER_OPTIMIZER = {"fedavg": "sgd", "reptile": "adam", "fomaml": "adam", "maml": "adam",
+                             "meta-sgd": "adam"}
 OUTER_LR_DEFAULTS = {"sgd": 1.0, "adam": 0.01}
 # SecAgg+'s value range by what clients send. At the initial θ, on four clients of sinusoid, watch, omniglot
 # and fashion-mnist, model deltas (fedavg, reptile) stayed below 0.2, so Flower's default 8 never clamps
 # them; query gradients (fomaml, maml) reached 4.8 and exceed 8 on some sinusoid tasks, so they get 64
-# (quantization step 3e-5, still far below their size).
-SECAGG_RANGE_DEFAULTS = {"fedavg": 8.0, "reptile": 8.0, "fomaml": 64.0, "maml": 64.0}
+# (quantization step 3e-5, still far below their size). Meta-SGD sends maml's θ gradient and, beside it, the
+# gradient for log α, which is α times the rate's own gradient and so smaller: maml's range serves both.
+SECAGG_RANGE_DEFAULTS = {"fedavg": 8.0, "reptile": 8.0, "fomaml": 64.0, "maml": 64.0, "meta-sgd": 64.0}
 # SecAgg+'s quantization: values in ±range become integers in [0, 2^22], a step of 2·range/2^22.
 SECAGG_QUANTIZATION_RANGE = 2**22
 DP_MODES = ("central", "distributed")
@@ -230,6 +234,9 @@ class RunConfig:
         _require(self, "train_shots", self.train_shots >= 0, "must be >= 0 (0: the same as shots)")
         _require(self, "adapt_lr", self.adapt_lr == 0 or _finite_positive(self.adapt_lr),
                  "must be 0 (the same as inner_lr) or a finite number > 0")
+        _require(self, "adapt_lr", self.adapt_lr == 0 or self.algorithm != "meta-sgd",
+                 "does not apply to meta-sgd: held-out devices adapt with its learned per-parameter rates "
+                 "(inner_lr is where they start)")
         _require(self, "train_ways", self.train_ways == 0 or (self.ways >= 2 and self.train_ways >= self.ways),
                  "must be 0 (the same as ways) or >= ways, and needs ways >= 2")
         _require(self, "train_ways", self.train_ways == 0 or self.train_ways == self.ways
