@@ -7,13 +7,16 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metafleet.client.personalize import keep_final_models, personalize
 from metafleet.common.cli import main as metafleet_main
 from metafleet.common.config import RunConfig
+from metafleet.common.device_data import save_device_data
 from metafleet.common.errors import ConfigError
 from metafleet.common.fleets import functional_model, make_fleet, split_clients
 from metafleet.common.meta import (
@@ -25,6 +28,7 @@ from metafleet.common.meta import (
     local_update,
     meta_parameters,
     split_learned_rates,
+    step_sizes,
     with_learned_rates,
 )
 from metafleet.common.training import client_personalization, meta_train_centralized
@@ -153,6 +157,38 @@ def test_meta_sgd_refuses_a_scalar_adaptation_lr_in_one_line(capsys, tmp_path):
                            "--out", str(tmp_path / "run")])
     error = capsys.readouterr().err.strip()
     assert code == 2 and "does not apply to meta-sgd" in error and len(error.splitlines()) == 1, error
+
+
+def test_a_device_keeps_the_learned_rates_with_its_meta_model_and_predicts_with_theta_alone(tmp_path, capsys):
+    config = RunConfig.resolve(**SMALL)
+    fmodel = functional_model(config)
+    client = make_fleet(config).client(split_clients(config)[1][0])
+    save_device_data(tmp_path / "device", "sinusoid", client)
+    doubled = {name: t + math.log(2) if name.startswith(LEARNED_LR_PREFIX) else t
+               for name, t in initial_params(config).items()}
+    keep_final_models(config, fmodel, doubled, client, tmp_path / "device")
+
+    meta = torch.load(tmp_path / "device" / "meta-model.pt", weights_only=True)
+    assert set(meta["params"]) == set(doubled)  # the rates stay with the meta-model, for later personalization
+    personal = torch.load(tmp_path / "device" / "personal-model.pt", weights_only=True)
+    assert personal["inner_lr"] == "learned" and set(personal["params"]) == set(fmodel.init_params())
+    if personal["adapted"]:
+        theta, rates = step_sizes(doubled, config.inner_lr)
+        expected = personalize(fmodel, theta, client, config.eval_steps[-1], rates)["params"]
+        for name, value in personal["params"].items():
+            torch.testing.assert_close(value, expected[name])
+
+    np.save(tmp_path / "inputs.npy", np.linspace(-5, 5, 7, dtype=np.float32)[:, None])
+    assert metafleet_main(["predict", "--model", str(tmp_path / "device"), "--input", str(tmp_path / "inputs.npy"),
+                           "--out", str(tmp_path / "predictions.npy")]) == 0
+    assert np.load(tmp_path / "predictions.npy").shape == (7,)
+    # Later, on new data: personalizing from the kept meta-model adapts with its learned rates.
+    assert metafleet_main(["personalize", "--checkpoint", str(tmp_path / "device" / "meta-model.pt"), "--data",
+                           str(tmp_path / "device"), "--steps", "2", "--no-guard", "--out",
+                           str(tmp_path / "again.pt")]) == 0
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert again["inner_lr"] == "learned" and set(again["params"]) == set(fmodel.init_params())
+    capsys.readouterr()
 
 
 def _rows(run_dir):
