@@ -43,7 +43,7 @@ from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
 from metafleet.common.finetune import FINETUNES_KEY, METRIC_PREFIXES
 from metafleet.common.fleets import functional_model, make_fleet, split_clients
-from metafleet.common.meta import FunctionalModel, LocalUpdate, Params, check_update, global_norm
+from metafleet.common.meta import FunctionalModel, LocalUpdate, Params, check_update, global_norm, meta_parameters
 from metafleet.common.privacy import clip_to_norm, clip_values, distributed_dp_share
 from metafleet.common.records import KEEP_MODEL_ACTION, from_array_record, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR, MASK_GENERATOR_KEY, bind
@@ -136,8 +136,8 @@ def _functional_model(config: RunConfig, device: torch.device = CPU) -> Function
 
 @lru_cache(maxsize=4)
 def _reference_params(config: RunConfig) -> dict[str, torch.Tensor]:
-    # Only names, shapes and dtypes matter: what a received θ is checked against, on the host.
-    return _functional_model(config).init_params()
+    # Only names, shapes and dtypes matter: what a received θ (with meta-sgd's rates) is checked against, on the host.
+    return meta_parameters(config.algorithm, _functional_model(config).init_params(), config.inner_lr)
 
 
 @lru_cache(maxsize=4)

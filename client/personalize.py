@@ -31,7 +31,17 @@ from metafleet.common.data import ClientData
 from metafleet.common.device_data import load_device_data
 from metafleet.common.errors import DataError, MetafleetError
 from metafleet.common.fleets import functional_model
-from metafleet.common.meta import FunctionalModel, Params, adapt, check_update, keeps_adaptation
+from metafleet.common.meta import (
+    FunctionalModel,
+    Params,
+    StepSize,
+    adapt,
+    check_update,
+    keeps_adaptation,
+    meta_parameters,
+    split_learned_rates,
+    step_sizes,
+)
 from metafleet.common.task import Task, fingerprint, load_task
 
 FORMAT = "metafleet-personal-model-1"
@@ -46,7 +56,9 @@ def personalize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="the device's data folder")
     parser.add_argument("--task", help="the task (default: the one the meta-model names)")
     parser.add_argument("--steps", type=int, default=5, help="adaptation steps k (default 5)")
-    parser.add_argument("--inner-lr", type=float, help="adaptation learning rate (default: the run's)")
+    parser.add_argument("--inner-lr", type=float,
+                        help="adaptation learning rate (default: the run's; a meta-sgd model's own learned "
+                        "per-parameter rates)")
     parser.add_argument("--no-guard", action="store_true", help="keep the adapted model even if the guard declines")
     parser.add_argument("--out", type=Path,
                         help=f"where to write the personal model (default DIR/{PERSONAL_MODEL_FILE})")
@@ -83,9 +95,9 @@ def _load_meta_model(path: Path, task: str | None = None) -> tuple[RunConfig, di
     return RunConfig.from_dict(values), params
 
 
-def personalize(fmodel: FunctionalModel, params: Params, data: ClientData, steps: int, inner_lr: float,
+def personalize(fmodel: FunctionalModel, params: Params, data: ClientData, steps: int, inner_lr: StepSize,
                 guard: bool = True) -> dict[str, Any]:
-    """Adapt ``params`` on the device's support set; the chosen parameters and what was measured."""
+    """Adapt ``params`` (θ) on the device's support set; the chosen parameters and what was measured."""
     split = data.splits[0]
     # With prototype heads the unadapted model already reads the support set (its class means).
     with torch.no_grad():
@@ -97,10 +109,11 @@ def personalize(fmodel: FunctionalModel, params: Params, data: ClientData, steps
 
 
 def personal_model_record(config: RunConfig, fmodel: FunctionalModel, result: dict[str, Any], steps: int,
-                          inner_lr: float) -> dict[str, Any]:
+                          inner_lr: StepSize) -> dict[str, Any]:
     return {"format": FORMAT, "dataset": config.dataset, "task": config.task, "ways": config.head_ways,
             "head_init": config.head_init, "fingerprint": fingerprint(fmodel.module), "steps": steps,
-            "inner_lr": inner_lr, "adapted": result["adapted"],
+            # A meta-sgd model adapted with its learned rates, which its meta-model.pt keeps.
+            "inner_lr": inner_lr if not isinstance(inner_lr, dict) else "learned", "adapted": result["adapted"],
             "query_metric": {"name": fmodel.objective.metric_name, "before": result["before"],
                              "after": result["after"]},
             "params": {k: v.detach().cpu().clone() for k, v in result["params"].items()}}
@@ -119,8 +132,9 @@ def keep_final_models(config: RunConfig, fmodel: FunctionalModel, params: Params
                       folder: Path) -> dict[str, Any]:
     """What a deployed device does with the run's final meta-model: writes it and its personal model (adapted
     for the run's largest evaluated step count, guarded) into its data folder."""
-    steps, inner_lr = config.eval_steps[-1], config.adaptation_lr
-    result = personalize(fmodel, params, data, steps, inner_lr)
+    steps = config.eval_steps[-1]
+    theta, inner_lr = step_sizes(params, config.adaptation_lr)
+    result = personalize(fmodel, theta, data, steps, inner_lr)
     _atomic_save({"format": META_FORMAT, "config": config.to_dict(), "task": config.task,
                   "fingerprint": fingerprint(fmodel.module),
                   "params": {k: v.detach().cpu().clone() for k, v in params.items()}}, folder / META_MODEL_FILE)
@@ -137,11 +151,13 @@ def personalize_command(argv: list[str]) -> int:
     _, data = load_device_data(args.data, task=config.task_definition)
     fmodel = functional_model(config)
     try:
-        check_update(params, fmodel.init_params())
+        check_update(params, meta_parameters(config.algorithm, fmodel.init_params(), config.inner_lr))
     except ValueError as error:
         raise MetafleetError(f"the meta-model does not fit task {config.dataset}'s model: {error}") from None
-    inner_lr = args.inner_lr or config.adaptation_lr
-    result = personalize(fmodel, params, data, args.steps, inner_lr, guard=not args.no_guard)
+    # --inner-lr is the user's explicit choice, over a meta-sgd model's learned rates too.
+    theta, inner_lr = (split_learned_rates(params)[0], args.inner_lr) if args.inner_lr else step_sizes(
+        params, config.adaptation_lr)
+    result = personalize(fmodel, theta, data, args.steps, inner_lr, guard=not args.no_guard)
     decision = ("kept the adapted model" if result["adapted"]
                 else "the guard kept the meta-model (adaptation did not help on the support set)")
     print(f"query {fmodel.objective.metric_name}: {result['before']:.4f} before, {result['after']:.4f} after "

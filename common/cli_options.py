@@ -22,16 +22,20 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
                         "the fleet's size is its device count")
     parser.add_argument("--held-out-devices", metavar="NAME,...",
                         help="devices of a folder fleet held out by name (default: --fold picks them)")
-    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="reptile")
+    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="reptile",
+                        help="fedavg, reptile, fomaml, maml (second order), or meta-sgd (maml that also "
+                        "meta-learns one inner learning rate per parameter, starting at --inner-lr; held-out "
+                        "devices adapt with the learned rates). Default reptile")
     parser.add_argument("--clients", type=int, help="fleet size, held-out clients included")
     parser.add_argument("--held-out-clients", type=int, help="clients never trained on (default: a tenth, min 1)")
     parser.add_argument("--clients-per-round", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--inner-steps", type=int, help="local adaptation steps k")
-    parser.add_argument("--inner-lr", type=float)
+    parser.add_argument("--inner-lr", type=float, help="inner (adaptation) learning rate; meta-sgd's rates start at it")
     parser.add_argument("--adapt-lr", type=float,
                         help="step size of held-out devices' personalization (default: --inner-lr; for fedavg's "
-                        "fine-tuning, which the meta methods' inner lr does not bind)")
+                        "fine-tuning, which the meta methods' inner lr does not bind; not for meta-sgd, which "
+                        "adapts with its learned rates)")
     parser.add_argument("--eval-finetunes", metavar="MODE,...",
                         help="how held-out devices fine-tune, comma-separated: full (every parameter, default), "
                         "head (the head alone, the body kept), prox (every parameter, pulled towards the received "
@@ -60,7 +64,7 @@ def add_learning_arguments(parser: argparse.ArgumentParser) -> None:
                         help="aggregate updates with Flower's SecAgg+: the server sees only their mean")
     parser.add_argument("--secagg-clipping-range", type=float,
                         help="SecAgg+ value range: update values beyond ± this are clamped "
-                        "(default: 8 for fedavg/reptile deltas, 64 for fomaml/maml gradients)")
+                        "(default: 8 for fedavg/reptile deltas, 64 for fomaml/maml/meta-sgd gradients)")
     parser.add_argument("--secagg-shares", type=int, help="key shares per client (default: all sampled, at most 11)")
     parser.add_argument("--secagg-threshold", type=int, help="shares needed to unmask (default: a majority)")
     parser.add_argument("--dp-noise-multiplier", type=float,

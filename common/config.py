@@ -30,15 +30,20 @@ SERVER_OPTION_DEFAULTS = {"out-dir": "", "resume": False, "node-wait-seconds": 1
 # gradients) are small and uneven across layers, and Adam makes a fixed round budget count. For a
 # like-for-like baseline give fedavg the same server: --outer-optimizer adam.
 # Per-FedAvg's server averages the devices' local models, as FedAvg's does (Fallah et al. 2020, Algorithm 1).
+# Meta-SGD's learned rates are stored as log α (metafleet.common.meta.with_learned_rates): Adam's steps of about
+# its lr a round then change each rate by about that fraction.
 ALGORITHM_OUTER_OPTIMIZER = {"fedavg": "sgd", "reptile": "adam", "fomaml": "adam", "maml": "adam",
-                             "per-fedavg": "sgd"}
+                             "meta-sgd": "adam", "per-fedavg": "sgd"}
 OUTER_LR_DEFAULTS = {"sgd": 1.0, "adam": 0.01}
 # SecAgg+'s value range by what clients send. At the initial θ, on four clients of sinusoid, watch, omniglot
 # and fashion-mnist, model deltas (fedavg, reptile) stayed below 0.2, so Flower's default 8 never clamps
 # them; query gradients (fomaml, maml) reached 4.8 and exceed 8 on some sinusoid tasks, so they get 64
-# (quantization step 3e-5, still far below their size).
+# (quantization step 3e-5, still far below their size). Meta-SGD sends maml's θ gradient and, beside it, the
+# gradient for log α; at the initial θ on four clients the latter peaked at 0.57 on sinusoid (θ's: 3.1), 0.0024
+# on watch (0.14) and 0.16 on fashion-mnist (5.1), so maml's range serves both.
 # Per-FedAvg sends a model delta too (β times a few query gradients), so it gets the deltas' range.
-SECAGG_RANGE_DEFAULTS = {"fedavg": 8.0, "reptile": 8.0, "fomaml": 64.0, "maml": 64.0, "per-fedavg": 8.0}
+SECAGG_RANGE_DEFAULTS = {"fedavg": 8.0, "reptile": 8.0, "fomaml": 64.0, "maml": 64.0, "meta-sgd": 64.0,
+                         "per-fedavg": 8.0}
 # SecAgg+'s quantization: values in ±range become integers in [0, 2^22], a step of 2·range/2^22.
 SECAGG_QUANTIZATION_RANGE = 2**22
 DP_MODES = ("central", "distributed")
@@ -249,6 +254,9 @@ class RunConfig:
         _require(self, "train_shots", self.train_shots >= 0, "must be >= 0 (0: the same as shots)")
         _require(self, "adapt_lr", self.adapt_lr == 0 or _finite_positive(self.adapt_lr),
                  "must be 0 (the same as inner_lr) or a finite number > 0")
+        _require(self, "adapt_lr", self.adapt_lr == 0 or self.algorithm != "meta-sgd",
+                 "does not apply to meta-sgd: held-out devices adapt with its learned per-parameter rates "
+                 "(inner_lr is where they start)")
         _require(self, "train_ways", self.train_ways == 0 or (self.ways >= 2 and self.train_ways >= self.ways),
                  "must be 0 (the same as ways) or >= ways, and needs ways >= 2")
         _require(self, "train_ways", self.train_ways == 0 or self.train_ways == self.ways
@@ -265,6 +273,9 @@ class RunConfig:
         _require(self, "eval_finetunes", "full" in self.finetune_modes, "must include 'full'")
         _require(self, "eval_finetunes", self.finetune_modes == ("full",) or self.head_init == "learned",
                  "'head' and 'prox' fine-tune a learned head; with head_init 'prototypes' evaluate 'full' only")
+        _require(self, "eval_finetunes", self.finetune_modes == ("full",) or self.algorithm != "meta-sgd",
+                 "'head' and 'prox' fine-tune with one step size; meta-sgd's devices adapt with its learned rates "
+                 "(evaluate 'full' only)")
         _require(self, "head_adapt_lr", self.head_adapt_lr == 0 or _finite_positive(self.head_adapt_lr),
                  "must be 0 (the same as adapt_lr) or a finite number > 0")
         _require(self, "prox_lambda", 0 <= self.prox_lambda < float("inf"), "must be a finite number >= 0")

@@ -7,13 +7,19 @@ from.)
 
 Every algorithm returns a *pseudo-gradient* ``g``; the server moves ``θ ← θ − β·mean(g)`` or feeds
 ``mean(g)`` to Adam (see ``optim``). For ``reptile`` and ``fedavg`` ``g = θ − θ'`` (FedJAX's convention),
-so plain SGD with ``β = 1`` is exactly model averaging; for ``fomaml`` and ``maml`` ``g`` is a query-loss
-gradient. One outer mechanism therefore serves all four algorithms.
+so plain SGD with ``β = 1`` is exactly model averaging; for ``fomaml``, ``maml`` and ``meta-sgd`` ``g`` is a
+query-loss gradient. One outer mechanism therefore serves all five algorithms.
+
+``meta-sgd`` meta-learns one inner learning rate per parameter beside θ. The rates travel *in the parameter
+dict*, as extra tensors named ``LEARNED_LR_PREFIX + name`` (see ``with_learned_rates``), so that whatever carries
+θ (the server's state, the outer optimizer, aggregation plain or SecAgg+-masked, checkpoints, the model a
+device keeps) carries them too, and code that needs θ alone splits them off by name (``split_learned_rates``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +32,8 @@ from metafleet.common.errors import ConfigError
 
 Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]
+# An inner step size: one number for every parameter, or one tensor per parameter (Meta-SGD's learned rates).
+StepSize = float | Params
 
 
 @dataclass(frozen=True)
@@ -171,11 +179,12 @@ def adapt(
     params: Params,
     support: Batch,
     steps: int,
-    inner_lr: float,
+    inner_lr: StepSize,
     *,
     differentiable: bool = False,
 ) -> Params:
-    """``steps`` plain SGD steps on ``support`` from ``params``; returns the adapted parameters.
+    """``steps`` plain SGD steps on ``support`` from ``params``; returns the adapted parameters. ``inner_lr`` is
+    one step size, or one tensor per parameter (``θ − α ⊙ ∇L``, Meta-SGD's step).
 
     With ``differentiable=True`` the steps stay on the autograd tape of an enclosing ``torch.func.grad``
     (second-order MAML); otherwise every step is cut from it, which is what first-order methods and
@@ -187,9 +196,91 @@ def adapt(
     if not differentiable:
         params = _detached(params)
     for _ in range(steps):
-        grads = loss_grad(params, support)
-        params = {name: p - inner_lr * grads[name] for name, p in params.items()}
+        params = sgd_step(params, loss_grad(params, support), inner_lr)
     return params
+
+
+def sgd_step(params: Params, grads: Params, lr: StepSize) -> Params:
+    """``θ − lr·∇``, with ``lr`` one number or one tensor per parameter (elementwise)."""
+    if isinstance(lr, dict):
+        return {name: p - lr[name] * grads[name] for name, p in params.items()}
+    return {name: p - lr * grads[name] for name, p in params.items()}
+
+
+# -- Meta-SGD's learned inner rates ------------------------------------------------------------------------------
+LEARNED_LR_PREFIX = "meta-sgd.log-lr."
+# The outer step projects log α into this interval (``project_learned_rates``). The inner step itself is never
+# clamped (the meta-gradient stays exact); the bound only keeps exp(log α) a positive, finite float32 whatever an
+# outer step does: below 1e-8 a coordinate has stopped adapting in float32 anyway, and a step size of 10 diverges
+# on any loss whose curvature is above 0.2, so neither end is a rate a run can need.
+LOG_LR_BOUNDS = (math.log(1e-8), math.log(10.0))
+
+
+def is_learned_rate(name: str) -> bool:
+    return name.startswith(LEARNED_LR_PREFIX)
+
+
+def with_learned_rates(theta: Params, inner_lr: float) -> Params:
+    """θ followed by Meta-SGD's rates, one tensor per θ tensor (same shape), all ``inner_lr`` to start with.
+
+    The rates are stored as log α, and the inner step uses α = exp(log α): the rate is positive whatever value
+    an outer step (Adam or SGD on the mean meta-gradient, DP noise) gives the stored tensor, so an inner step
+    never turns into gradient *ascent* (and the server projects log α into ``LOG_LR_BOUNDS`` after each outer
+    step, so α stays finite too); and an outer step changes a rate by a factor rather than an amount,
+    which suits rates that differ by orders of magnitude between layers and tasks (Adam moves log α by about
+    its lr a round, i.e. α by about that fraction). Starting at the configured inner lr makes round 0 exactly
+    MAML's model with MAML's step, so a Meta-SGD run's round-0 evaluation is the other methods' local-only
+    baseline. (Li et al. learn α itself, from a random start; log α adds the sign and the scale-free steps.)
+    """
+    if not (inner_lr > 0 and math.isfinite(inner_lr)):
+        raise ConfigError("inner_lr", inner_lr, "must be a finite number > 0 (meta-sgd's rates start at it)")
+    log_lr = math.log(inner_lr)
+    rates = {LEARNED_LR_PREFIX + name: torch.full_like(t, log_lr) for name, t in theta.items()}
+    return {**theta, **rates}
+
+
+def split_learned_rates(params: Params) -> tuple[Params, Params]:
+    """(θ, log α keyed by θ's own names); log α is empty for every algorithm but meta-sgd."""
+    theta = {name: t for name, t in params.items() if not is_learned_rate(name)}
+    log_rates = {name[len(LEARNED_LR_PREFIX):]: t for name, t in params.items() if is_learned_rate(name)}
+    return theta, log_rates
+
+
+def join_learned_rates(theta: Params, log_rates: Params, order: Sequence[str]) -> Params:
+    """``split_learned_rates`` undone, in ``order`` (the received parameters' own: SecAgg+'s path names the
+    arrays of an update by position)."""
+    joined = {**theta, **{LEARNED_LR_PREFIX + name: t for name, t in log_rates.items()}}
+    return {name: joined[name] for name in order}
+
+
+def step_sizes(params: Params, inner_lr: float) -> tuple[Params, StepSize]:
+    """θ and what to adapt it with: Meta-SGD's learned rates α where ``params`` carry them, else ``inner_lr``."""
+    theta, log_rates = split_learned_rates(params)
+    if not log_rates:
+        return params, inner_lr
+    return theta, {name: torch.exp(t) for name, t in log_rates.items()}
+
+
+def meta_parameters(algorithm: str, theta: Params, inner_lr: float) -> Params:
+    """What the server keeps and sends for ``algorithm``: θ, and for meta-sgd θ with its rates at ``inner_lr``."""
+    return with_learned_rates(theta, inner_lr) if algorithm == "meta-sgd" else theta
+
+
+def project_learned_rates(params: Params) -> Params:
+    """``params`` with every log α clamped into ``LOG_LR_BOUNDS`` (θ untouched): the outer step's projection."""
+    low, high = LOG_LR_BOUNDS
+    return {name: t.clamp(low, high) if is_learned_rate(name) else t for name, t in params.items()}
+
+
+def learned_rate_summary(params: Params) -> dict[str, float]:
+    """The learned rates' smallest, geometric-mean and largest value over every coordinate (empty for other
+    algorithms): what a run's metrics show of α, which the server holds anyway."""
+    _, log_rates = split_learned_rates(params)
+    if not log_rates:
+        return {}
+    flat = torch.cat([t.detach().flatten().double() for t in log_rates.values()])
+    return {"learned-lr-min": float(flat.min().exp()), "learned-lr-geomean": float(flat.mean().exp()),
+            "learned-lr-max": float(flat.max().exp())}
 
 
 def _first_order_grad(fmodel: FunctionalModel) -> Callable[[Params, Batch], Params]:
@@ -294,10 +385,7 @@ def maml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps
         start = fmodel.start(theta, episode.support)
         return fmodel.loss(adapt(fmodel, start, episode.support, steps, lr, differentiable=True), episode.query)
 
-    # cuDNN's fused RNN kernels have no double backward: on a GPU an LSTM's second-order step runs unfused.
-    # (flags() resets every cuDNN setting, TF32 included, so it is entered only where needed.)
-    unfused = fmodel.has_rnn and params_device(params).type == "cuda"
-    with torch.backends.cudnn.flags(enabled=False) if unfused else contextlib.nullcontext():
+    with _second_order_kernels(fmodel, params):
         meta_grad, query_loss = grad_and_value(query_loss_after_adaptation)(_detached(params))
     with torch.no_grad():
         loss_before = float(fmodel.loss(fmodel.start(params, episode.support), episode.query))
@@ -308,6 +396,42 @@ def maml_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps
     )
 
 
+def _second_order_kernels(fmodel: FunctionalModel, params: Params) -> contextlib.AbstractContextManager:
+    # cuDNN's fused RNN kernels have no double backward: on a GPU an LSTM's second-order step runs unfused.
+    # (flags() resets every cuDNN setting, TF32 included, so it is entered only where needed.)
+    unfused = fmodel.has_rnn and params_device(params).type == "cuda"
+    return torch.backends.cudnn.flags(enabled=False) if unfused else contextlib.nullcontext()
+
+
+def meta_sgd_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:
+    """Meta-SGD (Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning",
+    arXiv:1707.09835; FedMeta's second algorithm, Chen et al., arXiv:1802.07876): MAML's exact second-order
+    meta-gradient, taken for θ *and* for the learned rates, through ``steps`` inner steps
+    ``θ ← θ − α ⊙ ∇L_support(θ)``. ``params`` carry the rates as log α (``with_learned_rates``); the
+    pseudo-gradient holds ``∂L_query/∂θ`` and ``∂L_query/∂log α`` under the same names, so the server's one outer
+    step moves both. ``lr`` is not used: the rates in ``params`` are the step sizes (``lr`` only started them).
+    """
+    theta, log_rates = split_learned_rates(_detached(params))
+    if set(log_rates) != set(theta):
+        missing = sorted(set(theta) - set(log_rates))
+        raise ValueError(f"meta-sgd needs a learned rate {LEARNED_LR_PREFIX}NAME for every parameter; "
+                         f"{len(missing)} of {len(theta)} have none (first: {missing[:1]})")
+
+    def query_loss_after_adaptation(theta: Params, log_rates: Params) -> Tensor:
+        start = fmodel.start(theta, episode.support)
+        rates = {name: torch.exp(t) for name, t in log_rates.items()}
+        return fmodel.loss(adapt(fmodel, start, episode.support, steps, rates, differentiable=True), episode.query)
+
+    with _second_order_kernels(fmodel, params):
+        (theta_grad, rate_grad), query_loss = grad_and_value(query_loss_after_adaptation, argnums=(0, 1))(
+            theta, log_rates)
+    with torch.no_grad():
+        loss_before = float(fmodel.loss(fmodel.start(theta, episode.support), episode.query))
+    # A prototype head's θ is never used, but its rate is: the head's adaptation starts from the prototypes.
+    pseudo_grad = join_learned_rates(fmodel.without_replaced(_detached(theta_grad)), _detached(rate_grad), params)
+    return LocalUpdate(pseudo_grad, episode.num_examples, {"loss-before": loss_before, "loss-after": float(query_loss)})
+
+
 LocalUpdateFn = Callable[[FunctionalModel, Params, Episode, int, float], LocalUpdate]
 
 ALGORITHMS: dict[str, LocalUpdateFn] = {
@@ -315,6 +439,7 @@ ALGORITHMS: dict[str, LocalUpdateFn] = {
     "reptile": reptile_update,
     "fomaml": fomaml_update,
     "maml": maml_update,
+    "meta-sgd": meta_sgd_update,
 }
 
 
@@ -335,7 +460,7 @@ def personalization_curve(
     support: Batch,
     query: Batch,
     steps: Sequence[int],
-    inner_lr: float,
+    inner_lr: StepSize,
 ) -> list[float]:
     """The query metric after each number of adaptation steps in ``steps`` (ascending, from 0).
 
@@ -382,7 +507,7 @@ def cross_validation_folds(support: Batch, objective: Objective, max_folds: int 
 
 
 def keeps_adaptation(
-    fmodel: FunctionalModel, params: Params, support: Batch, steps: int, inner_lr: float, max_folds: int = 5
+    fmodel: FunctionalModel, params: Params, support: Batch, steps: int, inner_lr: StepSize, max_folds: int = 5
 ) -> bool:
     """The personalization guard: does adapting for ``steps`` help, judged on the support set alone?
 
@@ -396,7 +521,7 @@ def keeps_adaptation(
 
 
 def guard_decisions(
-    fmodel: FunctionalModel, params: Params, support: Batch, steps: Sequence[int], inner_lr: float,
+    fmodel: FunctionalModel, params: Params, support: Batch, steps: Sequence[int], inner_lr: StepSize,
     max_folds: int = 5,
 ) -> list[bool]:
     """``keeps_adaptation`` for each step count in ``steps`` (ascending) at the cost of the largest alone:
@@ -423,7 +548,7 @@ def guard_decisions(
 
 def guarded_curve(
     fmodel: FunctionalModel, params: Params, support: Batch, curve: Sequence[float], steps: Sequence[int],
-    inner_lr: float,
+    inner_lr: StepSize,
 ) -> list[float]:
     """``curve`` as the guard would deliver it: at each step count, the adapted metric if the guard keeps
     adaptation, else the unadapted one (``curve[0]``)."""

@@ -22,8 +22,11 @@ from metafleet.common.meta import (
     Params,
     guarded_curve,
     local_update,
+    meta_parameters,
     params_device,
     personalization_curve,
+    project_learned_rates,
+    step_sizes,
 )
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
 
@@ -68,13 +71,13 @@ def client_personalization(
     (plain curve, the curve with the personalization guard deciding on the device whether to adapt)."""
     plain, guarded = [], []
     device = params_device(params)
+    # A meta-sgd model adapts with the rates it learned, not with one scalar step size.
+    theta, lr = step_sizes(params, config.adaptation_lr)
     for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None, config.eval_episodes):
         episode = episode.to(device)
-        curve = personalization_curve(
-            fmodel, params, episode.support, episode.query, config.eval_steps, config.adaptation_lr
-        )
+        curve = personalization_curve(fmodel, theta, episode.support, episode.query, config.eval_steps, lr)
         plain.append(curve)
-        guarded.append(guarded_curve(fmodel, params, episode.support, curve, config.eval_steps, config.adaptation_lr))
+        guarded.append(guarded_curve(fmodel, theta, episode.support, curve, config.eval_steps, lr))
     return [float(v) for v in np.mean(plain, axis=0)], [float(v) for v in np.mean(guarded, axis=0)]
 
 
@@ -120,7 +123,7 @@ def meta_train_centralized(
     from metafleet.common.fleets import functional_model
 
     fmodel = functional_model(config)
-    params = fmodel.init_params()
+    params = meta_parameters(config.algorithm, fmodel.init_params(), config.inner_lr)
     optimizer: OuterOptimizer = make_outer_optimizer(config.outer_optimizer, config.outer_lr)
     rng = np.random.default_rng(config.seed)
     clients = {i: fleet.client(i) for i in client_ids}
@@ -129,7 +132,7 @@ def meta_train_centralized(
         sampled = rng.choice(list(client_ids), size=config.clients_per_round, replace=False)
         updates = [client_train(fmodel, params, clients[int(i)], config, rng) for i in sampled]
         mean = weighted_mean([u.pseudo_grad for u in updates], [u.num_examples for u in updates])
-        params = optimizer.step(params, mean)
+        params = project_learned_rates(optimizer.step(params, mean))
         losses.append(float(np.mean([u.metrics["loss-after"] for u in updates])))
         if on_round is not None:
             on_round(round_number, losses[-1])

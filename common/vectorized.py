@@ -16,14 +16,25 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
-from metafleet.common.meta import Episode, FunctionalModel, LocalUpdate, Params, local_update, prototype_head
+from metafleet.common.meta import (
+    Episode,
+    FunctionalModel,
+    LocalUpdate,
+    Params,
+    StepSize,
+    join_learned_rates,
+    local_update,
+    prototype_head,
+    sgd_step,
+    split_learned_rates,
+)
 
 log = logging.getLogger("metafleet.vectorized")
 # (θ, support x, support y, query x, query y) -> (pseudo-gradient, loss before, loss after), for one device.
 DeviceUpdate = Callable[[Params, Tensor, Tensor, Tensor, Tensor], tuple[Params, Tensor, Tensor]]
 
 
-def _adapt(fmodel: FunctionalModel, params: Params, support: tuple[Tensor, Tensor], steps: int, lr: float,
+def _adapt(fmodel: FunctionalModel, params: Params, support: tuple[Tensor, Tensor], steps: int, lr: StepSize,
            differentiable: bool) -> Params:
     # meta.adapt's steps, by torch.func.grad (eager autograd cannot run under vmap); first-order methods cut
     # each step from the tape as meta.adapt does.
@@ -31,8 +42,7 @@ def _adapt(fmodel: FunctionalModel, params: Params, support: tuple[Tensor, Tenso
     if not differentiable:
         params = {name: t.detach() for name, t in params.items()}
     for _ in range(steps):
-        grads = loss_grad(params, support)
-        params = {name: p - lr * grads[name] for name, p in params.items()}
+        params = sgd_step(params, loss_grad(params, support), lr)
         if not differentiable:
             params = {name: t.detach() for name, t in params.items()}
     return params
@@ -100,7 +110,24 @@ def device_update(algorithm: str, fmodel: FunctionalModel, steps: int, lr: float
         delta = {name: received[name] - current[name] for name in received}
         return delta, one_step_query_loss(received), one_step_query_loss(current)
 
-    updates = {"fedavg": fedavg, "reptile": reptile, "fomaml": fomaml, "maml": maml, "per-fedavg": per_fedavg}
+
+    def meta_sgd(theta_and_rates: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
+        # meta.meta_sgd_update: maml's meta-gradient, for θ and log α, through steps of θ − α ⊙ ∇L.
+        theta, log_rates = split_learned_rates({name: t.detach() for name, t in theta_and_rates.items()})
+
+        def query_loss_after_adaptation(params: Params, log_rates: Params) -> Tensor:
+            start = fmodel.start(params, (sx, sy))
+            rates = {name: torch.exp(t) for name, t in log_rates.items()}
+            return fmodel.loss(_adapt(fmodel, start, (sx, sy), steps, rates, differentiable=True), (qx, qy))
+
+        (theta_grad, rate_grad), query_loss = grad_and_value(query_loss_after_adaptation, argnums=(0, 1))(
+            theta, log_rates)
+        loss_before = fmodel.loss(fmodel.start(theta, (sx, sy)), (qx, qy))
+        pseudo_grad = join_learned_rates(fmodel.without_replaced(theta_grad), rate_grad, theta_and_rates)
+        return pseudo_grad, loss_before, query_loss
+
+    updates = {"fedavg": fedavg, "reptile": reptile, "fomaml": fomaml, "maml": maml, "meta-sgd": meta_sgd,
+               "per-fedavg": per_fedavg}
     if algorithm not in updates:
         raise ValueError(f"the vectorized backend has no update for algorithm {algorithm!r}")
     return updates[algorithm]

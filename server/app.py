@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from metafleet.common.config import SERVER_OPTION_DEFAULTS, RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.fleets import make_model, split_clients
+from metafleet.common.meta import meta_parameters
 from metafleet.common.records import KEEP_MODEL_ACTION, to_array_record
 from metafleet.common.secure_masks import FLOWER_GENERATOR, MASK_GENERATOR
 from metafleet.common.task import fingerprint
@@ -74,8 +75,10 @@ def evaluate_round(
 
 
 def initial_params(config: RunConfig) -> dict[str, torch.Tensor]:
+    """The run's shared state at round 0: θ, and for meta-sgd its learned rates beside it."""
     torch.manual_seed(config.seed)
-    return {name: p.detach().clone() for name, p in make_model(config).named_parameters()}
+    theta = {name: p.detach().clone() for name, p in make_model(config).named_parameters()}
+    return meta_parameters(config.algorithm, theta, config.inner_lr)
 
 
 def run_meta_training(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, agg
 
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import ConfigError
-from metafleet.common.meta import FunctionalModel, Params, global_norm
+from metafleet.common.meta import FunctionalModel, Params, global_norm, split_learned_rates
 from metafleet.common.privacy import clip_to_norm
 from metafleet.common.robust import Defense
 from metafleet.common.selective import layers
@@ -135,6 +135,7 @@ class RepresentationalSimilarity:
         return distances[np.triu_indices(len(distances), k=1)]
 
     def scores(self, theta: Params, updates: Sequence[Params]) -> np.ndarray:
+        theta = split_learned_rates(theta)[0]  # meta-sgd's rates shape no representation: the model is θ
         matrices = [self.dissimilarities({name: theta[name] - self.step * update[name].to(theta[name].dtype)
                                           for name in theta}) for update in updates]
         reference = np.median(np.stack(matrices), axis=0) if self.consensus else self.dissimilarities(theta)

@@ -1,6 +1,6 @@
 """Meta-strategies: Flower strategies that apply an outer optimizer to the fleet's mean pseudo-gradient.
 
-All four algorithms share one server mechanism (FedJAX's FedAvg shape): the weighted mean of the clients'
+All five algorithms share one server mechanism (FedJAX's FedAvg shape): the weighted mean of the clients'
 pseudo-gradients is stepped by the outer optimizer. The algorithms differ in what a client computes
 (``metafleet.common.meta``), so the subclasses below only name the paper and the defaults.
 
@@ -27,7 +27,7 @@ from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.finetune import FINETUNES_KEY, METRIC_PREFIXES
 from metafleet.common.fleets import functional_model
-from metafleet.common.meta import Params, check_update, global_norm
+from metafleet.common.meta import Params, check_update, global_norm, learned_rate_summary, project_learned_rates
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
 from metafleet.common.records import from_array_record, to_array_record
 from metafleet.common.selective import sent_reference
@@ -171,7 +171,9 @@ class MetaStrategy(FedAvg):
             else:
                 mean_pseudo_grad = self.privacy.noised_mean(mean_pseudo_grad, contributors)
             self.last_round.metrics["epsilon"] = self.privacy.epsilon
-        self.params = self.optimizer.step(self.params, mean_pseudo_grad)
+        # Meta-SGD's rates (log α) are projected into their bounds: the rates stay positive and finite.
+        self.params = project_learned_rates(self.optimizer.step(self.params, mean_pseudo_grad))
+        self.last_round.metrics.update(learned_rate_summary(self.params))
 
     def _validated(self, reply: Message) -> tuple[Params, float, dict[str, float]]:
         if reply.has_error():
@@ -328,9 +330,18 @@ class PerFedAvgStrategy(MetaStrategy):
     algorithm = "per-fedavg"
 
 
+class MetaSGDStrategy(MetaStrategy):
+    """Meta-SGD (Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning",
+    arXiv:1707.09835), federated as in FedMeta (Chen et al., arXiv:1802.07876): θ and one inner learning rate per
+    parameter (stored as log α beside θ) are meta-learned together; clients send the second-order
+    meta-gradient for both, which is aggregated and stepped as one."""
+
+    algorithm = "meta-sgd"
+
+
 STRATEGIES: dict[str, type[MetaStrategy]] = {
     cls.algorithm: cls
-    for cls in (FedAvgStrategy, ReptileStrategy, FOMAMLStrategy, MAMLStrategy, PerFedAvgStrategy)
+    for cls in (FedAvgStrategy, ReptileStrategy, FOMAMLStrategy, MAMLStrategy, MetaSGDStrategy, PerFedAvgStrategy)
 }
 
 

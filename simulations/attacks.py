@@ -35,7 +35,7 @@ from metafleet.client.app import LEGACY_CONFIG, LEGACY_PARAMS, Device, secure_ag
 from metafleet.common.config import RunConfig
 from metafleet.common.data import ClientData, Split
 from metafleet.common.fleets import split_clients
-from metafleet.common.meta import Params, global_norm
+from metafleet.common.meta import Params, global_norm, step_sizes
 from metafleet.common.training import personalization_curve
 
 BACKDOOR_TARGET = 0
@@ -131,6 +131,7 @@ def backdoor_success(device: Device, params: Params) -> list[float]:
     classes that its personalized model assigns to the target class."""
     config = device.config
     value = trigger_value(device.data)
+    theta, lr = step_sizes(params, config.adaptation_lr)
     curves = []
     for episode in device.data.evaluation_episodes(config.shots, config.seed, config.ways or None,
                                                    config.eval_episodes):
@@ -139,8 +140,7 @@ def backdoor_success(device: Device, params: Params) -> list[float]:
         if not bool(others.any()):
             continue
         triggered = (with_trigger(x[others], value), torch.full_like(y[others], BACKDOOR_TARGET))
-        curves.append(personalization_curve(device.fmodel, params, episode.support, triggered, config.eval_steps,
-                                            config.adaptation_lr))
+        curves.append(personalization_curve(device.fmodel, theta, episode.support, triggered, config.eval_steps, lr))
     return [float(v) for v in np.mean(curves, axis=0)] if curves else [float("nan")] * len(config.eval_steps)
 
 

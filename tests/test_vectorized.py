@@ -10,7 +10,7 @@ import torch
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.fleets import functional_model, make_fleet
-from metafleet.common.meta import ALGORITHMS, Episode, local_update
+from metafleet.common.meta import ALGORITHMS, Episode, local_update, meta_parameters
 from metafleet.common.training import training_episode, training_rng
 from metafleet.common.vectorized import batched_updates
 from metafleet.simulations.cli import simulate
@@ -36,7 +36,8 @@ def test_batched_updates_are_each_device_s_own_update_in_float64(algorithm, head
     fmodel = functional_model(config)
     fmodel.module.double()
     fmodel.buffers = {name: b.double() for name, b in fmodel.buffers.items()}
-    params = {name: t.double() for name, t in fmodel.init_params().items()}
+    params = {name: t.double()
+              for name, t in meta_parameters(algorithm, fmodel.init_params(), config.inner_lr).items()}
     episodes = _episodes(config, 2, torch.float64)
     single = [local_update(algorithm, fmodel, params, e, config.inner_steps, config.inner_lr) for e in episodes]
     batched = batched_updates(algorithm, fmodel, params, episodes, config.inner_steps, config.inner_lr)
