@@ -386,10 +386,8 @@ def _kept(context: Context, record: str, like: Params) -> Params | None:
     return kept if fits else None
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    device = Device(context)
-    params = device.received_params(msg)
+def evaluation_request(msg: Message, device: Device) -> tuple[RunConfig, list[str]]:
+    """The config a held-out device evaluates with for this message, and the fine-tunings it is asked for."""
     config = device.config
     sent = dict(msg.content["config"]) if "config" in msg.content else {}
     if int(sent.get("server-round", 1)) == 0:
@@ -402,13 +400,28 @@ def evaluate(msg: Message, context: Context) -> Message:
     if unknown or not modes:
         raise MetafleetError(f"the evaluation asks for fine-tunings {unknown or modes}; this device knows "
                              f"{list(METRIC_PREFIXES)}")
+    return config, modes
+
+
+def evaluation_reply(msg: Message, device: Device, curves: dict[str, tuple[list[float], list[float]]]) -> Message:
+    """The evaluate handler's reply: each fine-tuning's (plain, guarded) curve over the eval steps."""
     metrics = {"num-examples": 1, "client-id": device.client_id}
-    on_device = device.on_device(params)
-    for mode in modes:
-        head = _head_names(device.config) if mode == "head" else frozenset()
-        curve, guarded = client_finetuning(device.fmodel, on_device, device.data, config, mode, head)
+    for mode, (curve, guarded) in curves.items():
         prefix = METRIC_PREFIXES[mode]
         for step, plain_value, guarded_value in zip(device.config.eval_steps, curve, guarded, strict=True):
             metrics[f"{prefix}step-{step}"] = plain_value
             metrics[f"{prefix}guarded-step-{step}"] = guarded_value
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    device = Device(context)
+    params = device.received_params(msg)
+    config, modes = evaluation_request(msg, device)
+    on_device = device.on_device(params)
+    curves = {}
+    for mode in modes:
+        head = _head_names(device.config) if mode == "head" else frozenset()
+        curves[mode] = client_finetuning(device.fmodel, on_device, device.data, config, mode, head)
+    return evaluation_reply(msg, device, curves)

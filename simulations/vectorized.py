@@ -17,13 +17,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import Error, Message, MessageType
 
-from metafleet.client.app import Device, train_reply
+from metafleet.client.app import FINETUNES_KEY, Device, evaluation_reply, evaluation_request, train_reply
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
+from metafleet.common.meta import step_sizes
 from metafleet.common.training import training_episode, training_rng
 from metafleet.common.vectorized import batched_updates
+from metafleet.common.vectorized_eval import batched_personalization
 from metafleet.simulations.inprocess import InProcessGrid, stage_of
 
 
@@ -38,12 +41,24 @@ def check_vectorizable(config: RunConfig) -> None:
 class VectorizedGrid(InProcessGrid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        batched, others = [], []
+        training, evaluation, others = [], [], []
         for message in messages:
-            plain_train = message.metadata.message_type == MessageType.TRAIN and stage_of(message) is None
-            (batched if plain_train and not self._attacks(message) else others).append(message)
+            kind = message.metadata.message_type
+            if stage_of(message) is not None or self._attacks(message):
+                others.append(message)
+            elif kind == MessageType.TRAIN:
+                training.append(message)
+            elif kind == MessageType.EVALUATE and self._plain_evaluation(message):
+                evaluation.append(message)
+            else:
+                others.append(message)
         replies = list(super().send_and_receive(others, timeout=timeout)) if others else []
-        return replies + self._train(batched)
+        return replies + self._train(training) + self._evaluate(evaluation)
+
+    def _plain_evaluation(self, message: Message) -> bool:
+        # Only the full fine-tuning is batched; head-only and proximal fine-tuning go through the ClientApp.
+        sent = message.content["config"] if "config" in message.content else {}
+        return str(sent.get(FINETUNES_KEY, "full")) == "full"
 
     def simulated_identities(self) -> dict[int, int]:
         """Every node's client id, from the node configs this grid gives its devices (the server then asks
@@ -95,6 +110,42 @@ class VectorizedGrid(InProcessGrid):
                     replies.append(train_reply(message, context, device, update=update, params=received))
                 except Exception as error:  # noqa: BLE001
                     replies.append(_error_reply(message, error))
+        return replies + failed
+
+
+    def _evaluate(self, messages: list[Message]) -> list[Message]:
+        """Held-out devices' personalization curves, each round's together (the evaluate handler's values)."""
+        if not messages:
+            return []
+        devices, failed = [], []
+        for message in messages:
+            try:
+                device = Device(self.contexts[message.metadata.dst_node_id])
+                config, _ = evaluation_request(message, device)
+                episodes = [episode.to(device.torch_device) for episode in device.data.evaluation_episodes(
+                    config.shots, config.seed, config.ways or None, config.eval_episodes)]
+                devices.append((message, device, config, episodes))
+            except Exception as error:  # noqa: BLE001 - as Flower's runtime: an error reply, the others go on
+                failed.append(_error_reply(message, error))
+        by_theta: dict[tuple[int, float], list[int]] = {}
+        for index, (message, _, config, _) in enumerate(devices):
+            by_theta.setdefault((id(message.content["arrays"]), config.adaptation_lr), []).append(index)
+        replies = []
+        for members in by_theta.values():
+            message, device, config, _ = devices[members[0]]
+            try:
+                received = device.received_params(message)  # checked once for all who received it
+            except Exception as error:  # noqa: BLE001
+                replies += [_error_reply(devices[i][0], error) for i in members]
+                continue
+            theta, lr = step_sizes(device.on_device(received), config.adaptation_lr)
+            episodes = [episode for i in members for episode in devices[i][3]]
+            curves = iter(batched_personalization(device.fmodel, theta, episodes, config.eval_steps, lr))
+            for index in members:
+                message, member, _, own = devices[index]
+                plain, guarded = zip(*[next(curves) for _ in own], strict=True)
+                curve = ([float(v) for v in np.mean(plain, axis=0)], [float(v) for v in np.mean(guarded, axis=0)])
+                replies.append(evaluation_reply(message, member, {"full": curve}))
         return replies + failed
 
 

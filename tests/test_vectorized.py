@@ -10,9 +10,19 @@ import torch
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.fleets import functional_model, make_fleet
-from metafleet.common.meta import ALGORITHMS, Episode, local_update, meta_parameters
+from metafleet.common.meta import (
+    ALGORITHMS,
+    Episode,
+    cross_validation_folds,
+    guarded_curve,
+    local_update,
+    meta_parameters,
+    personalization_curve,
+    step_sizes,
+)
 from metafleet.common.training import training_episode, training_rng
 from metafleet.common.vectorized import batched_updates
+from metafleet.common.vectorized_eval import batched_personalization
 from metafleet.simulations.cli import simulate
 
 SMALL = dict(dataset="sinusoid", clients=30, held_out_clients=5, clients_per_round=8, rounds=3, eval_every=3)
@@ -123,3 +133,40 @@ def test_a_vectorized_fleet_that_cannot_load_fails_in_one_line(tmp_path, monkeyp
     config = RunConfig.resolve(dataset="fashion-mnist", algorithm="reptile", clients=37, rounds=1)
     with pytest.raises(MetafleetError, match="simulated device 0 cannot start: .*fashion"):
         simulate(config, tmp_path / "run", backend="vectorized")
+
+
+@pytest.mark.parametrize("dataset, head_init, algorithm", [
+    ("sinusoid", "learned", "reptile"), ("fashion-mnist", "learned", "maml"), ("fashion-mnist", "prototypes", "fomaml"),
+    ("sinusoid", "learned", "meta-sgd")])
+def test_batched_personalization_is_each_device_s_own_curve_and_guard_in_float64(dataset, head_init, algorithm):
+    config = RunConfig.resolve(dataset=dataset, algorithm=algorithm, head_init=head_init, shots=5, query_shots=5,
+                               eval_steps="0,1,3")
+    fmodel = functional_model(config)
+    fmodel.module.double()
+    fmodel.buffers = {name: b.double() for name, b in fmodel.buffers.items()}
+    params = {name: t.double() for name, t in meta_parameters(algorithm, fmodel.init_params(), 0.05).items()}
+    theta, lr = step_sizes(params, 0.05)
+    fleet = make_fleet(config)
+    episodes = [episode for i in range(4)
+                for episode in fleet.client(i).evaluation_episodes(config.shots, 0, config.ways or None, 1)]
+    episodes = [Episode((e.support[0].double(), e.support[1]), (e.query[0].double(), e.query[1])) for e in episodes]
+    batched = batched_personalization(fmodel, theta, episodes, config.eval_steps, lr)
+    for episode, (curve, guarded) in zip(episodes, batched, strict=True):
+        one = personalization_curve(fmodel, theta, episode.support, episode.query, config.eval_steps, lr)
+        assert curve == pytest.approx([float(v) for v in one], rel=1e-9, abs=1e-12)
+        assert guarded == pytest.approx(guarded_curve(fmodel, theta, episode.support, one, config.eval_steps, lr),
+                                        rel=1e-9, abs=1e-12)
+    # Regression and 5-shot classification support sets split into folds: the batched guard ran.
+    assert cross_validation_folds(episodes[0].support, fmodel.objective)
+
+
+def test_the_vectorized_backend_batches_the_held_out_devices_evaluation(tmp_path, monkeypatch):
+    from metafleet.client import app as client_module
+
+    calls = []
+    original = client_module.client_finetuning
+    monkeypatch.setattr(client_module, "client_finetuning", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = RunConfig.resolve(algorithm="reptile", **SMALL)
+    simulate(config, tmp_path / "run", backend="vectorized")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["personalization"]["clients_reporting"] == 5 and not calls
