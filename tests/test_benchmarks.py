@@ -14,7 +14,7 @@ COMMANDS = {
                  "--warmup-rounds", "1", "--repeats", "1", "--timeout", "150"],
     # Discovery in batches of 8: three sends that together must ask each of the 20 nodes once.
     "fleet": ["--clients", "20", "--clients-per-round", "5", "--rounds", "3", "--timeout", "150",
-              "--discovery-batch", "8"],
+              "--discovery-batch", "8", "--backends", "ray-stock"],
 }
 
 
@@ -63,6 +63,8 @@ def test_fleet_benchmark_reports_discovery_rounds_and_the_whole_trees_memory(res
     result = _result(results, "fleet")
     (row,) = result["results"]
     assert row["ok"] and row["clients"] == 20 and row["summary_rounds_completed"] == 3
+    # Flower's engine as shipped: discovery asks every node, in batches of 8.
+    assert row["backend"] == "ray-stock"
     assert row["query_batches"] == 3 and row["query_sent"] == 20 and row["query_replies"] == 20
     assert row["query_errors"] == 0
     assert 0 < row["query_send_receive_s"] <= row["discovery_s"]

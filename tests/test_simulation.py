@@ -45,7 +45,7 @@ def _faulty_fleet_app() -> ClientApp:
 
 def test_simulated_fleet_completes_with_bad_replies_logged_and_excluded(tmp_path):
     config = RunConfig.resolve(dataset="sinusoid", algorithm="reptile", clients=8, held_out_clients=2,
-                               clients_per_round=6, rounds=3, eval_every=3, seed=3)
+                               clients_per_round=6, rounds=3, eval_every=3, fold=1)
     run_config = {**config.to_run_config(), "out-dir": str(tmp_path / "run")}
     run_in_simulation(server_app, _faulty_fleet_app(), run_config, num_supernodes=config.clients, total_cpus=2)
 
@@ -54,7 +54,8 @@ def test_simulated_fleet_completes_with_bad_replies_logged_and_excluded(tmp_path
     assert summary["rounds_completed"] == 3 and summary["rounds_skipped"] == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["phase"] == "train"]
-    # Partitions 1 and 2 are training clients under seed 3 and 6 of 6 are sampled: both are dropped each round.
+    # Partitions 1 and 2 are training clients in fold 1 (4 and 6 held out) and 6 of 6 are sampled: both are
+    # dropped each round.
     assert all(row["sampled"] == 6 and row["accepted"] == 4 for row in train_rows)
     assert summary["rejected_replies"] == 6
     state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
