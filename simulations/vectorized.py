@@ -8,7 +8,9 @@ message, every sampled device's episode is drawn exactly as its ClientApp would 
 (``training_rng``, ``training_episode``), the local updates of same-shaped episodes are computed together
 (``metafleet.common.vectorized``, ``torch.func.vmap``), and each device's reply is then packed by the
 ClientApp's own ``train_reply`` (its checks, clipping and compression), without serializing the messages.
-Discovery, evaluation and attacking devices go through the real ClientApp, as on the in-process backend.
+Held-out devices' evaluation is batched likewise (``metafleet.common.vectorized_eval``: the curve and the
+on-device guard under vmap) and packed by the ClientApp's own ``evaluation_reply``; head-only and proximal
+fine-tuning, discovery's one query and attacking devices go through the real ClientApp, as in-process.
 SecAgg+ needs the message exchange of its four stages: it stays on the ray and inprocess backends.
 """
 
