@@ -20,6 +20,10 @@ from metafleet.server.rundir import start_or_resume
 
 BACKENDS = ("ray", "inprocess", "vectorized")
 ALGORITHM_CHOICES = sorted(ALGORITHMS)
+# What --against does not copy from the method's arguments: learning settings whose meaning or good value
+# differs by algorithm (an Adam meta lr is not FedAvg's SGD step; a meta inner lr is not a training lr).
+BASELINE_OWN_SETTINGS = ("inner_lr", "inner_steps", "outer_optimizer", "outer_lr", "adapt_lr", "head_init",
+                         "head_adapt_lr", "prox_lambda")
 RAY_REPLY_POLL_SECONDS = 0.02  # the in-memory LinkState answers a pull in microseconds
 
 
@@ -69,7 +73,12 @@ def simulate_command(argv: list[str]) -> int:
     if args.against:
         from metafleet.simulations.comparison import compare_runs, print_comparison
 
-        baseline_args = argparse.Namespace(**{**vars(args), "algorithm": args.against})
+        # The fleet, devices, data and evaluation are shared; how each algorithm learns is its own: the
+        # baseline takes its own defaults for the settings that mean something else to it.
+        own = {name: None for name in BASELINE_OWN_SETTINGS if getattr(args, name, None) is not None}
+        if own:
+            print(f"metafleet: {args.against} uses its own defaults for {', '.join(sorted(own))}", file=sys.stderr)
+        baseline_args = argparse.Namespace(**{**vars(args), **own, "algorithm": args.against})
         baseline_out = Path(out) / f"against-{args.against}"
         print(f"metafleet: now {args.against} on the same fleet, seed and held-out devices -> {baseline_out}",
               file=sys.stderr)

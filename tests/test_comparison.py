@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.simulations.cli import simulate_command
 
@@ -17,10 +18,16 @@ def _final_evaluation(run_dir):
 def test_against_trains_the_baseline_on_the_same_devices_and_pairs_them(tmp_path, capsys):
     out = tmp_path / "maml"
     assert simulate_command(["--dataset", "sinusoid", "--algorithm", "maml", "--clients", "30", "--rounds", "3",
+                             "--inner-steps", "1", "--inner-lr", "0.01", "--outer-lr", "0.003", "--shots", "5",
                              "--backend", "vectorized", "--out", str(out), "--against", "fedavg"]) == 0
     comparison = json.loads((out / "comparison.json").read_text())
     ours, theirs = _final_evaluation(out), _final_evaluation(out / "against-fedavg")
-    assert json.loads((out / "against-fedavg" / "config.json").read_text())["algorithm"] == "fedavg"
+    # The devices and data are shared; FedAvg learns with its own defaults, not maml's meta settings.
+    baseline = json.loads((out / "against-fedavg" / "config.json").read_text())
+    defaults = RunConfig.resolve(dataset="sinusoid", algorithm="fedavg")
+    assert baseline["algorithm"] == "fedavg" and baseline["shots"] == 5 and baseline["clients"] == 30
+    assert (baseline["outer_lr"], baseline["inner_lr"], baseline["inner_steps"]) == (
+        defaults.outer_lr, defaults.inner_lr, defaults.inner_steps)
     assert ours["client-ids"] == theirs["client-ids"] and comparison["devices"] == len(ours["client-ids"]) == 3
     assert comparison["method"] == "maml" and comparison["baseline"] == "fedavg+ft" and comparison["lower_is_better"]
     for row in comparison["rows"]:
