@@ -48,6 +48,10 @@ def simulate_parser() -> argparse.ArgumentParser:
                         "(no Ray start-up or polling: faster for small models and long runs); vectorized: the "
                         "in-process ServerApp, with each round's training computed for all its devices at once "
                         "(torch.func.vmap; no SecAgg+)")
+    parser.add_argument("--torch-threads", type=int, metavar="N",
+                        help="CPU threads torch uses in this process (inprocess and vectorized backends; Ray's workers "
+                        "keep one each). 1 is much faster for small models on a busy or 2-core machine, where "
+                        "threads wait on one another; default: torch's own")
     parser.add_argument("--torch-device", metavar="DEVICE",
                         help="where simulated devices compute: cpu (default) or cuda (sets $METAFLEET_TORCH_DEVICE)")
     parser.add_argument("--against", metavar="ALGORITHM", choices=ALGORITHM_CHOICES,
@@ -65,6 +69,12 @@ def simulate_command(argv: list[str]) -> int:
     if args.against and args.against == args.algorithm:
         raise MetafleetError(f"--against {args.against} would compare {args.algorithm} with itself: name another "
                              "algorithm")
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            raise MetafleetError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     config, out = start_or_resume(args.resume, args.out, lambda: config_from_arguments(args))
     options = {"cpus_per_client": args.cpus_per_client, "verbose": args.verbose, "backend": args.backend,
                "torch_device": args.torch_device, "ray_address": args.ray_address}

@@ -79,10 +79,11 @@ def print_comparison(result: dict[str, Any]) -> None:
         print(f"{row['steps']:>5}  {row['method']:>8.3f} ± {row['method_ci95']:<5.3f}  "
               f"{row['baseline']:>8.3f} ± {row['baseline_ci95']:<5.3f}  {difference:>26}  "
               f"{row['method_better_on']:>5} of {result['devices']}")
-    last = result["rows"][-1]
-    low, high = last["difference"] - last["difference_ci95"], last["difference"] + last["difference_ci95"]
-    better = (high < 0) if result["lower_is_better"] else (low > 0)
-    worse = (low > 0) if result["lower_is_better"] else (high < 0)
-    verdict = (f"{method} is ahead" if better else f"{baseline} is ahead" if worse
-               else "no difference the CI can tell")
-    print(f"after {last['steps']} steps: {verdict} (paired CI [{low:+.3f}, {high:+.3f}])")
+    verdicts = []
+    for row in result["rows"][1:] or result["rows"]:
+        low, high = row["difference"] - row["difference_ci95"], row["difference"] + row["difference_ci95"]
+        better = (high < 0) if result["lower_is_better"] else (low > 0)
+        worse = (low > 0) if result["lower_is_better"] else (high < 0)
+        verdict = f"{method} ahead" if better else f"{baseline} ahead" if worse else "no difference the CI can tell"
+        verdicts.append(f"after {row['steps']} steps {verdict} (paired CI [{low:+.3f}, {high:+.3f}])")
+    print("\n".join(verdicts))

@@ -44,3 +44,8 @@ def test_against_itself_or_with_resume_is_refused_in_one_line(tmp_path):
     with pytest.raises(MetafleetError, match="cannot be combined with --resume"):
         simulate_command(["--resume", str(tmp_path), "--against", "fedavg"])
     assert not (tmp_path / "x").exists()
+
+
+def test_torch_threads_below_one_is_refused_in_one_line(tmp_path):
+    with pytest.raises(MetafleetError, match="--torch-threads must be >= 1"):
+        simulate_command(["--dataset", "sinusoid", "--torch-threads", "0", "--out", str(tmp_path / "x")])
