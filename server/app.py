@@ -292,9 +292,20 @@ def _refusal(strategy: MetaStrategy, info: Any, model_fingerprint: str | None) -
     return None
 
 
+PROGRESS_EVERY_SECONDS = 2.0
+_last_progress = [0.0]
+
+
 def _show_progress(
     config: RunConfig, server_round: int, row: dict[str, Any], evaluation: Any, round_seconds: list[float]
 ) -> None:
+    # Thousands of fast rounds would scroll thousands of lines: a line every few seconds, and every
+    # evaluated, skipped, first or last round.
+    now = time.monotonic()
+    quiet = evaluation is None and not row["skipped"] and server_round not in (1, config.rounds)
+    if quiet and now - _last_progress[0] < PROGRESS_EVERY_SECONDS:
+        return
+    _last_progress[0] = now
     recent = round_seconds[-10:]
     eta = (config.rounds - server_round) * sum(recent) / len(recent)
     parts = [f"round {server_round}/{config.rounds}", f"clients {row['accepted']}/{row['sampled']}"]
