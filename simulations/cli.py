@@ -78,23 +78,64 @@ def simulate_command(argv: list[str]) -> int:
     config, out = start_or_resume(args.resume, args.out, lambda: config_from_arguments(args))
     options = {"cpus_per_client": args.cpus_per_client, "verbose": args.verbose, "backend": args.backend,
                "torch_device": args.torch_device, "ray_address": args.ray_address}
-    summary = simulate(config, Path(out), resume=bool(args.resume), **options)
-    print_summary(summary)
+    baseline = None
     if args.against:
-        from metafleet.simulations.comparison import compare_runs, print_comparison
-
         # The fleet, devices, data and evaluation are shared; how each algorithm learns is its own: the
         # baseline takes its own defaults for the settings that mean something else to it.
         own = {name: None for name in BASELINE_OWN_SETTINGS if getattr(args, name, None) is not None}
         if own:
             print(f"metafleet: {args.against} uses its own defaults for {', '.join(sorted(own))}", file=sys.stderr)
-        baseline_args = argparse.Namespace(**{**vars(args), **own, "algorithm": args.against})
+        baseline_config = config_from_arguments(argparse.Namespace(**{**vars(args), **own, "algorithm": args.against}))
         baseline_out = Path(out) / f"against-{args.against}"
-        print(f"metafleet: now {args.against} on the same fleet, seed and held-out devices -> {baseline_out}",
-              file=sys.stderr)
-        simulate(config_from_arguments(baseline_args), baseline_out, **options)
+        baseline_out.mkdir(parents=True, exist_ok=True)
+        if args.backend != "ray":
+            # On the in-process backends the baseline trains beside the method, in a process of its own (a
+            # second core); Ray already spreads one run over the cores.
+            import multiprocessing
+
+            print(f"metafleet: {args.against} trains alongside, on the same fleet, seed and held-out devices -> "
+                  f"{baseline_out} (its log: {baseline_out / 'log.txt'})", file=sys.stderr)
+            baseline = multiprocessing.get_context("spawn").Process(
+                target=_simulate_logged, args=(baseline_config, baseline_out, options, args.torch_threads))
+            baseline.start()
+    try:
+        summary = simulate(config, Path(out), resume=bool(args.resume), **options)
+    except BaseException:
+        if baseline is not None:
+            baseline.terminate()
+        raise
+    print_summary(summary)
+    if args.against:
+        from metafleet.simulations.comparison import compare_runs, print_comparison
+
+        if baseline is None:
+            print(f"metafleet: now {args.against} on the same fleet, seed and held-out devices -> {baseline_out}",
+                  file=sys.stderr)
+            simulate(baseline_config, baseline_out, **options)
+        else:
+            print(f"metafleet: waiting for {args.against} ({baseline_out / 'log.txt'})", file=sys.stderr)
+            baseline.join()
+            if baseline.exitcode != 0:
+                raise MetafleetError(f"the {args.against} run failed (exit code {baseline.exitcode}); its log: "
+                                     f"{baseline_out / 'log.txt'}")
         print_comparison(compare_runs(Path(out), baseline_out, Path(out) / "comparison.json"))
     return 0
+
+
+def _simulate_logged(config: RunConfig, out: Path, options: dict, torch_threads: int | None) -> None:
+    """``simulate`` in a child process, its console output in OUT/log.txt (two runs' progress lines would
+    interleave on one console)."""
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    with open(out / "log.txt", "w", buffering=1) as log_file:
+        sys.stdout = sys.stderr = log_file
+        try:
+            simulate(config, out, **options)
+        except MetafleetError as error:
+            print(f"metafleet: error: {error}", file=log_file)
+            raise SystemExit(2) from None
 
 
 @contextlib.contextmanager

@@ -35,6 +35,8 @@ def test_against_trains_the_baseline_on_the_same_devices_and_pairs_them(tmp_path
         assert row["difference"] == pytest.approx(differences.mean())
         assert row["method_better_on"] == int((differences < 0).sum())
     assert "maml against fedavg+ft on the same 3 held-out devices" in capsys.readouterr().out
+    # The baseline trained in a process of its own beside the method; its console went to its log.
+    assert "run finished" in (out / "against-fedavg" / "log.txt").read_text()
 
 
 def test_against_itself_or_with_resume_is_refused_in_one_line(tmp_path):
