@@ -96,7 +96,8 @@ def simulate_command(argv: list[str]) -> int:
             print(f"metafleet: {args.against} trains alongside, on the same fleet, seed and held-out devices -> "
                   f"{baseline_out} (its log: {baseline_out / 'log.txt'})", file=sys.stderr)
             baseline = multiprocessing.get_context("spawn").Process(
-                target=_simulate_logged, args=(baseline_config, baseline_out, options, args.torch_threads))
+                target=_simulate_logged,
+                args=(baseline_config, baseline_out, options, args.torch_threads, os.getpid()))
             baseline.start()
     try:
         summary = simulate(config, Path(out), resume=bool(args.resume), **options)
@@ -122,9 +123,19 @@ def simulate_command(argv: list[str]) -> int:
     return 0
 
 
-def _simulate_logged(config: RunConfig, out: Path, options: dict, torch_threads: int | None) -> None:
+def _simulate_logged(config: RunConfig, out: Path, options: dict, torch_threads: int | None,
+                     parent: int) -> None:
     """``simulate`` in a child process, its console output in OUT/log.txt (two runs' progress lines would
-    interleave on one console)."""
+    interleave on one console). It ends when the process that started it ends, however that one ended."""
+    import threading
+    import time
+
+    def end_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=end_with_parent, daemon=True).start()
     if torch_threads is not None:
         import torch
 
