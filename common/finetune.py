@@ -12,27 +12,27 @@ meta-learning, each an evaluation-time variant of adapting FedAvg's model.
 They differ only in the step, so one FedAvg training run is evaluated with all three on the same devices
 (the evaluation message names the fine-tunings; ``metafleet.client.app``). The ``full`` mode keeps going
 through ``meta.personalization_curve`` and ``meta.guarded_curve``, so its numbers stay those of earlier runs;
-the other two use the same incremental curve and the same cross-validation guard, written here around a
-step function.
+the other two go through the same incremental curve and cross-validation guard (``meta.adaptation_curve``,
+``meta.adaptation_guard``) with their own step function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from metafleet.common.errors import ConfigError
 from metafleet.common.meta import (
+    Adapter,
     Batch,
     FunctionalModel,
     Params,
     _first_order_grad_and_loss,
-    cross_validation_folds,
+    adaptation_curve,
+    adaptation_guard,
 )
 
-# (parameters, support, steps) -> the parameters after that many more steps.
-Adapter = Callable[[Params, Batch, int], Params]
 # The prefix of a mode's metric keys (step-N, guarded-step-N) in evaluation replies and metrics.jsonl;
 # "full" keeps the unprefixed keys every earlier run wrote.
 METRIC_PREFIXES = {"full": "", "head": "head-ft-", "prox": "prox-ft-"}
@@ -92,49 +92,10 @@ def adapter(mode: str, fmodel: FunctionalModel, anchor: Params, lr: float, *, he
     raise ConfigError("eval_finetunes", mode, "must be 'head' or 'prox' here")
 
 
-def finetune_curve(fmodel: FunctionalModel, params: Params, query: Batch, support: Batch, steps: Sequence[int],
-                   adapt: Adapter) -> list[float]:
-    """The query metric after each number of ``adapt`` steps in ``steps`` (ascending, from 0), incrementally:
-    the whole curve costs ``max(steps)`` steps, as ``meta.personalization_curve``'s does."""
-    if not steps or steps[0] != 0 or list(steps) != sorted(set(steps)):
-        raise ConfigError("eval_steps", list(steps), "must be strictly increasing and start at 0")
-    curve, adapted, done = [], {name: t.detach() for name, t in params.items()}, 0
-    for target in steps:
-        adapted = adapt(adapted, support, target - done)
-        done = target
-        curve.append(fmodel.metric(adapted, query))
-    return curve
-
-
-def finetune_guard(fmodel: FunctionalModel, support: Batch, steps: Sequence[int], adapt: Adapter, params: Params,
-                   max_folds: int = 5) -> list[bool]:
-    """``meta.guard_decisions`` for any fine-tuning: for each step count, does ``adapt`` lower the summed loss
-    of support folds held out in turn? The device then keeps a baseline's adapted model under the same rule
-    as a meta method's, so ``+guard`` rows compare like with like."""
-    folds = cross_validation_folds(support, fmodel.objective, max_folds)
-    if not folds:
-        return [True] * len(steps)
-    x, y = support
-    adapted_loss, base_loss = [0.0] * len(steps), 0.0
-    for held in folds:
-        keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
-        keep[held] = False
-        held_batch, rest = (x[held], y[held]), (x[keep], y[keep])
-        with torch.no_grad():
-            base_loss += float(fmodel.loss(params, held_batch)) * len(held)
-        adapted, done = params, 0
-        for index, target in enumerate(steps):
-            adapted = adapt(adapted, rest, target - done)
-            done = target
-            with torch.no_grad():
-                adapted_loss[index] += float(fmodel.loss(adapted, held_batch)) * len(held)
-    return [step == 0 or loss < base_loss for step, loss in zip(steps, adapted_loss, strict=True)]
-
-
 def finetuned_and_guarded(fmodel: FunctionalModel, params: Params, support: Batch, query: Batch,
                           steps: Sequence[int], adapt: Adapter) -> tuple[list[float], list[float]]:
     """(the plain curve, the curve as the guard delivers it: the adapted metric where it keeps adaptation,
     else the unadapted one)."""
-    curve = finetune_curve(fmodel, params, query, support, steps, adapt)
-    decisions = finetune_guard(fmodel, support, steps, adapt, params)
+    curve = adaptation_curve(fmodel, {name: t.detach() for name, t in params.items()}, support, query, steps, adapt)
+    decisions = adaptation_guard(fmodel, support, steps, lambda rest: params, adapt)
     return curve, [value if kept else curve[0] for value, kept in zip(curve, decisions, strict=True)]

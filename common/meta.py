@@ -454,6 +454,34 @@ def local_update(
     return update_fn(fmodel, params, episode, steps, lr)
 
 
+# (parameters, support, steps) -> the parameters after that many more steps of some fine-tuning.
+Adapter = Callable[[Params, Batch, int], Params]
+
+
+def sgd_adapter(fmodel: FunctionalModel, inner_lr: StepSize) -> Adapter:
+    """``adapt``'s plain SGD steps as an ``Adapter``."""
+    return lambda params, support, steps: adapt(fmodel, params, support, steps, inner_lr)
+
+
+def check_eval_steps(steps: Sequence[int]) -> None:
+    if not steps or steps[0] != 0 or list(steps) != sorted(set(steps)):
+        raise ConfigError("eval_steps", list(steps), "must be strictly increasing and start at 0")
+
+
+def adaptation_curve(fmodel: FunctionalModel, start: Params, support: Batch, query: Batch, steps: Sequence[int],
+                     step: Adapter) -> list[float]:
+    """The query metric after each number of ``step``'s steps in ``steps`` (ascending, from 0) from ``start``.
+
+    Adaptation is incremental, so the whole curve costs ``max(steps)`` steps."""
+    check_eval_steps(steps)
+    curve, adapted, done = [], start, 0
+    for target in steps:
+        adapted = step(adapted, support, target - done)
+        done = target
+        curve.append(fmodel.metric(adapted, query))
+    return curve
+
+
 def personalization_curve(
     fmodel: FunctionalModel,
     params: Params,
@@ -462,20 +490,11 @@ def personalization_curve(
     steps: Sequence[int],
     inner_lr: StepSize,
 ) -> list[float]:
-    """The query metric after each number of adaptation steps in ``steps`` (ascending, from 0).
-
-    Adaptation is incremental, so the whole curve costs ``max(steps)`` inner steps.
-    """
-    if not steps or steps[0] != 0 or list(steps) != sorted(set(steps)):
-        raise ConfigError("eval_steps", list(steps), "must be strictly increasing and start at 0")
-    curve = []
+    """The query metric after each number of adaptation steps in ``steps`` (ascending, from 0)."""
+    check_eval_steps(steps)
     with torch.no_grad():
-        adapted, done = fmodel.start(_detached(params), support), 0
-    for target in steps:
-        adapted = adapt(fmodel, adapted, support, target - done, inner_lr)
-        done = target
-        curve.append(fmodel.metric(adapted, query))
-    return curve
+        start = fmodel.start(_detached(params), support)
+    return adaptation_curve(fmodel, start, support, query, steps, sgd_adapter(fmodel, inner_lr))
 
 
 def cross_validation_folds(support: Batch, objective: Objective, max_folds: int = 5) -> list[Tensor]:
@@ -524,8 +543,18 @@ def guard_decisions(
     fmodel: FunctionalModel, params: Params, support: Batch, steps: Sequence[int], inner_lr: StepSize,
     max_folds: int = 5,
 ) -> list[bool]:
-    """``keeps_adaptation`` for each step count in ``steps`` (ascending) at the cost of the largest alone:
-    each fold's adaptation continues from the previous step count instead of starting over."""
+    """``keeps_adaptation`` for each step count in ``steps`` (ascending) at the cost of the largest alone."""
+    return adaptation_guard(fmodel, support, steps, lambda rest: fmodel.start(params, rest),
+                            sgd_adapter(fmodel, inner_lr), max_folds)
+
+
+def adaptation_guard(
+    fmodel: FunctionalModel, support: Batch, steps: Sequence[int], start: Callable[[Batch], Params],
+    step: Adapter, max_folds: int = 5,
+) -> list[bool]:
+    """The guard for any fine-tuning ``step`` from ``start(rest of the support set)``: for each step count,
+    does adapting lower the summed loss of support folds held out in turn? Each fold's adaptation continues
+    from the previous step count instead of starting over."""
     folds = cross_validation_folds(support, fmodel.objective, max_folds)
     if not folds:
         return [True] * len(steps)
@@ -536,13 +565,14 @@ def guard_decisions(
         keep[held] = False
         held_batch, rest = (x[held], y[held]), (x[keep], y[keep])
         with torch.no_grad():
-            unadapted = fmodel.start(params, rest)
-        base_loss += float(fmodel.loss(unadapted, held_batch)) * len(held)
+            unadapted = start(rest)
+            base_loss += float(fmodel.loss(unadapted, held_batch)) * len(held)
         adapted, done = unadapted, 0
         for index, target in enumerate(steps):
-            adapted = adapt(fmodel, adapted, rest, target - done, inner_lr)
+            adapted = step(adapted, rest, target - done)
             done = target
-            adapted_loss[index] += float(fmodel.loss(adapted, held_batch)) * len(held)
+            with torch.no_grad():
+                adapted_loss[index] += float(fmodel.loss(adapted, held_batch)) * len(held)
     return [step == 0 or loss < base_loss for step, loss in zip(steps, adapted_loss, strict=True)]
 
 

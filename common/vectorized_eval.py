@@ -23,6 +23,7 @@ from metafleet.common.meta import (
     FunctionalModel,
     Params,
     StepSize,
+    check_eval_steps,
     cross_validation_folds,
     guarded_curve,
     personalization_curve,
@@ -90,10 +91,7 @@ def batched_personalization(fmodel: FunctionalModel, params: Params, episodes: S
                             steps: Sequence[int], lr: StepSize) -> list[Curves]:
     """For each episode: its plain and guarded personalization curves, as ``meta.personalization_curve`` and
     ``meta.guarded_curve`` give them."""
-    if not steps or steps[0] != 0 or list(steps) != sorted(set(steps)):
-        from metafleet.common.errors import ConfigError
-
-        raise ConfigError("eval_steps", list(steps), "must be strictly increasing and start at 0")
+    check_eval_steps(steps)
     results: list[Curves | None] = [None] * len(episodes)
     groups: dict[tuple, list[int]] = {}
     for index, episode in enumerate(episodes):

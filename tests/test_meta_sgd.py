@@ -23,7 +23,6 @@ from metafleet.common.meta import (
     LEARNED_LR_PREFIX,
     LOG_LR_BOUNDS,
     REGRESSION,
-    Episode,
     FunctionalModel,
     local_update,
     meta_parameters,
@@ -35,26 +34,10 @@ from metafleet.common.training import client_personalization, meta_train_central
 from metafleet.server.app import initial_params
 from metafleet.server.strategy import make_strategy
 from metafleet.simulations.cli import simulate
+from tests.test_meta import _episode, _explicit_forward, _small_mlp
 
 SMALL = dict(dataset="sinusoid", algorithm="meta-sgd", clients=10, held_out_clients=2, clients_per_round=4,
              rounds=3, eval_every=3, seed=3)
-
-
-def _small_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
-
-
-def _explicit_forward(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    w1, b1, w2, b2 = weights
-    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
-
-
-def _episode() -> Episode:
-    generator = torch.Generator().manual_seed(1)
-    xs, xq = torch.randn(6, 2, generator=generator), torch.randn(9, 2, generator=generator)
-    target = lambda x: torch.sin(x.sum(dim=1, keepdim=True))  # noqa: E731
-    return Episode((xs, target(xs)), (xq, target(xq)))
 
 
 def _uneven_rates(model: nn.Module, lr: float) -> dict[str, torch.Tensor]:
