@@ -491,7 +491,6 @@ def personalization_curve(
     inner_lr: StepSize,
 ) -> list[float]:
     """The query metric after each number of adaptation steps in ``steps`` (ascending, from 0)."""
-    check_eval_steps(steps)
     with torch.no_grad():
         start = fmodel.start(_detached(params), support)
     return adaptation_curve(fmodel, start, support, query, steps, sgd_adapter(fmodel, inner_lr))

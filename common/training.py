@@ -69,16 +69,14 @@ def client_personalization(
 ) -> tuple[list[float], list[float]]:
     """The client's query metric after each of ``config.eval_steps`` adaptation steps, mean over its episodes:
     (plain curve, the curve with the personalization guard deciding on the device whether to adapt)."""
-    plain, guarded = [], []
-    device = params_device(params)
     # A meta-sgd model adapts with the rates it learned, not with one scalar step size.
     theta, lr = step_sizes(params, config.adaptation_lr)
-    for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None, config.eval_episodes):
-        episode = episode.to(device)
+
+    def curves(episode: Episode) -> tuple[list[float], list[float]]:
         curve = personalization_curve(fmodel, theta, episode.support, episode.query, config.eval_steps, lr)
-        plain.append(curve)
-        guarded.append(guarded_curve(fmodel, theta, episode.support, curve, config.eval_steps, lr))
-    return [float(v) for v in np.mean(plain, axis=0)], [float(v) for v in np.mean(guarded, axis=0)]
+        return curve, guarded_curve(fmodel, theta, episode.support, curve, config.eval_steps, lr)
+
+    return _mean_over_episodes(client, config, params_device(params), curves)
 
 
 def client_finetuning(
@@ -93,11 +91,18 @@ def client_finetuning(
         return client_personalization(fmodel, params, client, config)
     lr = config.head_adaptation_lr if mode == "head" else config.adaptation_lr
     adapt = adapter(mode, fmodel, params, lr, head=head, prox_lambda=config.prox_lambda)
+    return _mean_over_episodes(client, config, params_device(params), lambda episode: finetuned_and_guarded(
+        fmodel, params, episode.support, episode.query, config.eval_steps, adapt))
+
+
+Curves = tuple[list[float], list[float]]  # (plain curve, guarded curve) over the eval steps
+
+
+def _mean_over_episodes(client: ClientData, config: RunConfig, device: torch.device,
+                        curves: Callable[[Episode], Curves]) -> Curves:
     plain, guarded = [], []
-    device = params_device(params)
     for episode in client.evaluation_episodes(config.shots, config.seed, config.ways or None, config.eval_episodes):
-        episode = episode.to(device)
-        curve, kept = finetuned_and_guarded(fmodel, params, episode.support, episode.query, config.eval_steps, adapt)
+        curve, kept = curves(episode.to(device))
         plain.append(curve)
         guarded.append(kept)
     return [float(v) for v in np.mean(plain, axis=0)], [float(v) for v in np.mean(guarded, axis=0)]

@@ -34,7 +34,7 @@ log = logging.getLogger("metafleet.vectorized")
 DeviceUpdate = Callable[[Params, Tensor, Tensor, Tensor, Tensor], tuple[Params, Tensor, Tensor]]
 
 
-def _adapt(fmodel: FunctionalModel, params: Params, support: tuple[Tensor, Tensor], steps: int, lr: StepSize,
+def vmappable_adapt(fmodel: FunctionalModel, params: Params, support: tuple[Tensor, Tensor], steps: int, lr: StepSize,
            differentiable: bool) -> Params:
     # meta.adapt's steps, by torch.func.grad (eager autograd cannot run under vmap); first-order methods cut
     # each step from the tape as meta.adapt does.
@@ -53,21 +53,21 @@ def device_update(algorithm: str, fmodel: FunctionalModel, steps: int, lr: float
 
     def fedavg(theta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         data = (torch.cat([sx, qx]), torch.cat([sy, qy]))
-        trained = _adapt(fmodel, theta, data, steps, lr, differentiable=False)
+        trained = vmappable_adapt(fmodel, theta, data, steps, lr, differentiable=False)
         return ({name: theta[name] - trained[name] for name in theta}, fmodel.loss(theta, data),
                 fmodel.loss(trained, data))
 
     def reptile(theta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         start = fmodel.start({name: t.detach() for name, t in theta.items()}, (sx, sy))
         start = {name: t.detach() for name, t in start.items()}
-        adapted = _adapt(fmodel, start, (sx, sy), steps, lr, differentiable=False)
+        adapted = vmappable_adapt(fmodel, start, (sx, sy), steps, lr, differentiable=False)
         delta = fmodel.without_replaced({name: start[name] - adapted[name] for name in start})
         return delta, fmodel.loss(start, (qx, qy)), fmodel.loss(adapted, (qx, qy))
 
     def fomaml(theta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         start = fmodel.start({name: t.detach() for name, t in theta.items()}, (sx, sy))
         start = {name: t.detach() for name, t in start.items()}
-        adapted = _adapt(fmodel, start, (sx, sy), steps, lr, differentiable=False)
+        adapted = vmappable_adapt(fmodel, start, (sx, sy), steps, lr, differentiable=False)
         if not fmodel.replaced:
             query_grad, query_loss = grad_and_value(fmodel.loss)(adapted, (qx, qy))
             return query_grad, fmodel.loss(start, (qx, qy)), query_loss
@@ -86,7 +86,7 @@ def device_update(algorithm: str, fmodel: FunctionalModel, steps: int, lr: float
     def maml(theta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         def query_loss_after_adaptation(params: Params) -> Tensor:
             start = fmodel.start(params, (sx, sy))
-            return fmodel.loss(_adapt(fmodel, start, (sx, sy), steps, lr, differentiable=True), (qx, qy))
+            return fmodel.loss(vmappable_adapt(fmodel, start, (sx, sy), steps, lr, differentiable=True), (qx, qy))
 
         meta_grad, query_loss = grad_and_value(query_loss_after_adaptation)(
             {name: t.detach() for name, t in theta.items()})
@@ -99,7 +99,7 @@ def device_update(algorithm: str, fmodel: FunctionalModel, steps: int, lr: float
         received = {name: t.detach() for name, t in theta.items()}
 
         def one_step_query_loss(params: Params) -> Tensor:
-            return fmodel.loss(_adapt(fmodel, params, (sx, sy), 1, lr, differentiable=False), (qx, qy))
+            return fmodel.loss(vmappable_adapt(fmodel, params, (sx, sy), 1, lr, differentiable=False), (qx, qy))
 
         current = received
         for _ in range(steps):
@@ -118,7 +118,7 @@ def device_update(algorithm: str, fmodel: FunctionalModel, steps: int, lr: float
         def query_loss_after_adaptation(params: Params, log_rates: Params) -> Tensor:
             start = fmodel.start(params, (sx, sy))
             rates = {name: torch.exp(t) for name, t in log_rates.items()}
-            return fmodel.loss(_adapt(fmodel, start, (sx, sy), steps, rates, differentiable=True), (qx, qy))
+            return fmodel.loss(vmappable_adapt(fmodel, start, (sx, sy), steps, rates, differentiable=True), (qx, qy))
 
         (theta_grad, rate_grad), query_loss = grad_and_value(query_loss_after_adaptation, argnums=(0, 1))(
             theta, log_rates)
@@ -148,7 +148,7 @@ def batched_updates(algorithm: str, fmodel: FunctionalModel, params: Params, epi
     mapped = vmap(device_update(algorithm, fmodel, steps, lr), in_dims=(None, 0, 0, 0, 0))
     detached = {name: t.detach() for name, t in params.items()}
     for members in groups.values():
-        if len(members) == 1 or not _vmappable(fmodel):
+        if len(members) == 1 or not vmappable(fmodel):
             for index in members:
                 results[index] = local_update(algorithm, fmodel, params, episodes[index], steps, lr)
             continue
@@ -171,7 +171,7 @@ def batched_updates(algorithm: str, fmodel: FunctionalModel, params: Params, epi
 _NOT_VMAPPABLE: set[int] = set()
 
 
-def _vmappable(fmodel: FunctionalModel) -> bool:
+def vmappable(fmodel: FunctionalModel) -> bool:
     return not fmodel.has_rnn and id(fmodel) not in _NOT_VMAPPABLE
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from metafleet.common.meta import (
     Episode,
@@ -28,21 +28,10 @@ from metafleet.common.meta import (
     guarded_curve,
     personalization_curve,
 )
+from metafleet.common.vectorized import vmappable, vmappable_adapt
 
 log = logging.getLogger("metafleet.vectorized")
 Curves = tuple[list[float], list[float]]  # (plain curve, guarded curve) over the evaluation's step counts
-
-
-def _adapt(fmodel: FunctionalModel, params: Params, support: tuple[Tensor, Tensor], steps: int,
-           lr: StepSize) -> Params:
-    # meta.adapt's first-order steps, by torch.func.grad (eager autograd cannot run under vmap); a meta-sgd
-    # model's step sizes are one tensor a parameter.
-    loss_grad = grad(fmodel.loss)
-    for _ in range(steps):
-        grads = loss_grad(params, support)
-        params = {name: (p - (lr[name] if isinstance(lr, dict) else lr) * grads[name]).detach()
-                  for name, p in params.items()}
-    return params
 
 
 def _one_device(fmodel: FunctionalModel, steps: Sequence[int], lr: StepSize, folds: Sequence[Tensor], count: int):
@@ -58,7 +47,7 @@ def _one_device(fmodel: FunctionalModel, steps: Sequence[int], lr: StepSize, fol
         adapted, done, curve = fmodel.start(theta, (sx, sy)), 0, []
         adapted = {name: t.detach() for name, t in adapted.items()}
         for target in steps:
-            adapted = _adapt(fmodel, adapted, (sx, sy), target - done, lr)
+            adapted = vmappable_adapt(fmodel, adapted, (sx, sy), target - done, lr, differentiable=False)
             done = target
             # FunctionalModel.metric returns a Python float, which vmap cannot give: the same value as a tensor.
             curve.append(fmodel.objective.metric(fmodel.forward(adapted, qx), qy))
@@ -71,7 +60,8 @@ def _one_device(fmodel: FunctionalModel, steps: Sequence[int], lr: StepSize, fol
             base_loss = base_loss + fmodel.loss(unadapted, held_batch) * len(held)
             fold_adapted, done = unadapted, 0
             for index, target in enumerate(steps):
-                fold_adapted = _adapt(fmodel, fold_adapted, rest_batch, target - done, lr)
+                fold_adapted = vmappable_adapt(fmodel, fold_adapted, rest_batch, target - done, lr,
+                                               differentiable=False)
                 done = target
                 adapted_loss[index] = adapted_loss[index] + fmodel.loss(fold_adapted, held_batch) * len(held)
         return torch.stack([v.to(sx.dtype) for v in curve]), torch.stack(adapted_loss), base_loss
@@ -102,7 +92,7 @@ def batched_personalization(fmodel: FunctionalModel, params: Params, episodes: S
     for members in groups.values():
         first = episodes[members[0]]
         folds = cross_validation_folds(first.support, fmodel.objective)
-        if len(members) > 1 and _vmappable(fmodel):
+        if len(members) > 1 and vmappable(fmodel):
             parts = [torch.stack([getattr(episodes[i], side)[k] for i in members])
                      for side in ("support", "query") for k in (0, 1)]
             personalize = _one_device(fmodel, steps, lr, folds, len(first.support[1]))
@@ -118,8 +108,3 @@ def batched_personalization(fmodel: FunctionalModel, params: Params, episodes: S
                                                                  steps, lr)]
                 results[index] = (curve, guarded_curve(fmodel, params, episode.support, curve, steps, lr))
     return results  # type: ignore[return-value]
-
-
-def _vmappable(fmodel: FunctionalModel) -> bool:
-    # An RNN's fused kernels have no batching rule (as for the batched training updates).
-    return not any(isinstance(m, torch.nn.RNNBase) for m in fmodel.module.modules())

@@ -125,6 +125,7 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDirectory, options: dict[s
             run_dir.append_metrics({"round": 0, "phase": "evaluate", **dict(initial)})
     _add_traffic(grid, strategy)  # discovery and round 0: in the run's totals, not in round 1's
     round_seconds: list[float] = []
+    progress_shown = [0.0]
     for server_round in range(start_round, config.rounds + 1):
         round_start = time.monotonic()
         if secure is not None:
@@ -149,7 +150,7 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDirectory, options: dict[s
             run_dir.append_metrics({"round": server_round, "phase": "evaluate", **dict(evaluation)})
         wall = wall_before + time.monotonic() - started
         run_dir.save_checkpoint(server_round, {**strategy.state_dict(), "wall_seconds": wall})
-        _show_progress(config, server_round, train_row, evaluation, round_seconds)
+        _show_progress(config, server_round, train_row, evaluation, round_seconds, progress_shown)
 
     delivered = None
     if options["deliver-models"]:
@@ -293,19 +294,19 @@ def _refusal(strategy: MetaStrategy, info: Any, model_fingerprint: str | None) -
 
 
 PROGRESS_EVERY_SECONDS = 2.0
-_last_progress = [0.0]
 
 
 def _show_progress(
-    config: RunConfig, server_round: int, row: dict[str, Any], evaluation: Any, round_seconds: list[float]
+    config: RunConfig, server_round: int, row: dict[str, Any], evaluation: Any, round_seconds: list[float],
+    last_shown: list[float],
 ) -> None:
-    # Thousands of fast rounds would scroll thousands of lines: a line every few seconds, and every
-    # evaluated, skipped, first or last round.
+    # Thousands of fast rounds would scroll thousands of lines: a line every few seconds (``last_shown``
+    # holds the run's last one), and every evaluated, skipped, first or last round.
     now = time.monotonic()
     quiet = evaluation is None and not row["skipped"] and server_round not in (1, config.rounds)
-    if quiet and now - _last_progress[0] < PROGRESS_EVERY_SECONDS:
+    if quiet and now - last_shown[0] < PROGRESS_EVERY_SECONDS:
         return
-    _last_progress[0] = now
+    last_shown[0] = now
     recent = round_seconds[-10:]
     eta = (config.rounds - server_round) * sum(recent) / len(recent)
     parts = [f"round {server_round}/{config.rounds}", f"clients {row['accepted']}/{row['sampled']}"]

@@ -140,13 +140,14 @@ def _simulate_logged(config: RunConfig, out: Path, options: dict, torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
-    with open(out / "log.txt", "w", buffering=1) as log_file:
-        sys.stdout = sys.stderr = log_file
-        try:
-            simulate(config, out, **options)
-        except MetafleetError as error:
-            print(f"metafleet: error: {error}", file=log_file)
-            raise SystemExit(2) from None
+    # Left open until the process ends, so that a traceback, printed after this function, lands in it too.
+    log_file = open(out / "log.txt", "w", buffering=1)  # noqa: SIM115
+    sys.stdout = sys.stderr = log_file
+    try:
+        simulate(config, out, **options)
+    except MetafleetError as error:
+        print(f"metafleet: error: {error}", file=log_file)
+        raise SystemExit(2) from None
 
 
 @contextlib.contextmanager

@@ -104,8 +104,12 @@ class VectorizedGrid(InProcessGrid):
                 replies += [_error_reply(devices[i][0], error) for i in members]
                 continue
             params = {name: t.to(first[2].torch_device) for name, t in received.items()}
-            updates = batched_updates(config.algorithm, fmodel, params, [episodes[i] for i in members],
-                                      config.inner_steps, config.inner_lr)
+            try:
+                updates = batched_updates(config.algorithm, fmodel, params, [episodes[i] for i in members],
+                                          config.inner_steps, config.inner_lr)
+            except Exception as error:  # noqa: BLE001 - as one device's failure would be: error replies
+                replies += [_error_reply(devices[i][0], error) for i in members]
+                continue
             for index, update in zip(members, updates, strict=True):
                 message, context, device = devices[index]
                 try:
@@ -142,7 +146,11 @@ class VectorizedGrid(InProcessGrid):
                 continue
             theta, lr = step_sizes(device.on_device(received), config.adaptation_lr)
             episodes = [episode for i in members for episode in devices[i][3]]
-            curves = iter(batched_personalization(device.fmodel, theta, episodes, config.eval_steps, lr))
+            try:
+                curves = iter(batched_personalization(device.fmodel, theta, episodes, config.eval_steps, lr))
+            except Exception as error:  # noqa: BLE001 - as one device's failure would be: error replies
+                replies += [_error_reply(devices[i][0], error) for i in members]
+                continue
             for index in members:
                 message, member, _, own = devices[index]
                 plain, guarded = zip(*[next(curves) for _ in own], strict=True)
