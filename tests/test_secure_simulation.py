@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metafleet.common.config import RunConfig
+from metafleet.server.rundir import RunDirectory
 from metafleet.simulations.cli import simulate
 
 pytestmark = pytest.mark.slow
@@ -21,32 +22,29 @@ def _secure_and_plain(tmp_path, **values):
     return summaries[False], summaries[True]
 
 
-def _final_params(run_dir):
-    checkpoint = max((run_dir / "checkpoints").glob("round-*.pt"))
-    return torch.load(checkpoint, weights_only=False)["params"]
-
-
 # Outer SGD in both tests: its step is linear in the mean, so the runs differ by SecAgg+'s quantization error
 # alone. Adam, the default for these algorithms, turns a coordinate whose plain mean is exactly 0 (a dead ReLU
 # unit's) and whose secure mean is Flower's stochastic-rounding noise into a step of ±lr; which way depends on
 # the numpy state of the Ray worker that quantized, so on a busy machine two secure runs differ from each other
-# (seen in CI: 0.3 % apart at step 0 after 4 rounds). docs/flower-notes.md says so for users.
+# (seen in CI: 0.3 % apart at step 0 after 4 rounds). The README's SecAgg+ section says so for users.
 
 
 def test_secure_and_plain_sinusoid_runs_reach_the_same_personalization(tmp_path):
+    rounds, outer_lr = 4, 0.05
     plain, secure = _secure_and_plain(
         tmp_path, dataset="sinusoid", algorithm="maml", clients=10, held_out_clients=2, clients_per_round=5,
-        rounds=4, eval_every=4, seed=1, outer_optimizer="sgd", outer_lr=0.05,
+        rounds=rounds, eval_every=rounds, seed=1, outer_optimizer="sgd", outer_lr=outer_lr,
     )
     assert secure["secure_aggregation"] and not plain["secure_aggregation"]
     assert secure["rounds_skipped"] == plain["rounds_skipped"] == 0
     for a, b in zip(plain["personalization"]["mean"], secure["personalization"]["mean"], strict=True):
         assert abs(a - b) <= 1e-3 * abs(a), (plain["personalization"], secure["personalization"])
-    # θ itself: 4 steps of 0.05 times a mean that is off by less than one quantization step a coordinate.
-    config = RunConfig.resolve(dataset="sinusoid", algorithm="maml", secure_aggregation=True)
-    plain_params, secure_params = _final_params(tmp_path / "secure-False"), _final_params(tmp_path / "secure-True")
+    # θ itself: each round's step of outer_lr times a mean that is off by under a quantization step a coordinate.
+    step = RunConfig.resolve(dataset="sinusoid", algorithm="maml", secure_aggregation=True).secagg_step
+    plain_params = RunDirectory(tmp_path / "secure-False").load_latest_checkpoint()["params"]
+    secure_params = RunDirectory(tmp_path / "secure-True").load_latest_checkpoint()["params"]
     for name, value in plain_params.items():
-        torch.testing.assert_close(secure_params[name], value, rtol=0, atol=4 * 0.05 * config.secagg_step * 2)
+        torch.testing.assert_close(secure_params[name], value, rtol=0, atol=rounds * outer_lr * step * 2)
     # The first round of training moved the model: the curves are not the untrained model's.
     rows = [json.loads(line) for line in (tmp_path / "secure-True" / "metrics.jsonl").read_text().splitlines()]
     evaluations = [row for row in rows if row["phase"] == "evaluate"]
