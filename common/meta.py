@@ -585,8 +585,9 @@ def guarded_curve(
     return [value if kept else curve[0] for value, kept in zip(curve, decisions, strict=True)]
 
 
-def check_update(update: Params, reference: Params) -> None:
-    """Raise ``ValueError`` naming the problem if ``update`` does not fit ``reference`` or is not finite.
+def check_update(update: Params, reference: Params) -> float:
+    """Raise ``ValueError`` naming the problem if ``update`` does not fit ``reference`` or is not finite;
+    return its global norm (computed for the check: callers that bound the norm take it from here).
 
     Used by a client before sending (SecAgg+ would turn a NaN into silent garbage) and by the server on
     every reply.
@@ -601,12 +602,20 @@ def check_update(update: Params, reference: Params) -> None:
             raise ValueError(f"update '{name}' has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
         if value.dtype != ref.dtype:
             raise ValueError(f"update '{name}' has dtype {value.dtype}, expected {ref.dtype}")
-        if not torch.isfinite(value).all():
+    norm = global_norm(update)
+    if math.isfinite(norm):
+        return norm  # NaN and Inf reach the sum of squares; one finite total clears every tensor at once
+    for name, value in update.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"update '{name}' holds NaN or Inf")
+    return norm  # finite values whose squares overflow float64 (beyond 1e154): the norm bounds refuse them
 
 
 def global_norm(tensors: Params) -> float:
-    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))
+    # One norm kernel per tensor (in float64) and hypot's overflow-safe sum: a third of the squares-and-sums'
+    # cost, which every reply pays twice (device and server).
+    return math.hypot(*(float(torch.linalg.vector_norm(t if t.is_floating_point() else t.double(), dtype=torch.float64))
+                        for t in tensors.values()))
 
 
 def per_fedavg_update(fmodel: FunctionalModel, params: Params, episode: Episode, steps: int, lr: float) -> LocalUpdate:

@@ -70,7 +70,15 @@ class MeteredGrid(_DelegatingGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        self.bytes_down += sum(content_bytes(m) for m in messages)
+        # A round sends one θ record and one config record to every device: sized once, not once per device.
+        sizes: dict[tuple[tuple[str, int], ...], int] = {}
+        for message in messages:
+            if not message.has_content():
+                continue
+            shared = tuple((key, id(record)) for key, record in message.content.items())
+            if shared not in sizes:
+                sizes[shared] = content_bytes(message)
+            self.bytes_down += sizes[shared]
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if reply.has_error():

@@ -27,7 +27,7 @@ from metafleet.common.config import RunConfig
 from metafleet.common.data import mean_and_ci95
 from metafleet.common.finetune import FINETUNES_KEY, METRIC_PREFIXES
 from metafleet.common.fleets import functional_model
-from metafleet.common.meta import Params, check_update, global_norm, learned_rate_summary, project_learned_rates
+from metafleet.common.meta import Params, check_update, learned_rate_summary, project_learned_rates
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
 from metafleet.common.records import from_array_record, to_array_record
 from metafleet.common.selective import sent_reference
@@ -195,8 +195,7 @@ class MetaStrategy(FedAvg):
         if self.config.selective_layers:
             payload, reference = sent_reference(payload, reference)
         update = decode(payload, self.compression, reference)
-        check_update(update, reference)
-        norm = global_norm(update)
+        norm = check_update(update, reference)
         if self.privacy is not None and norm > self.config.dp_clip_norm * (1 + 1e-4):
             raise ValueError(f"update norm {norm:.3g} exceeds dp_clip_norm {self.config.dp_clip_norm:.3g}: "
                              "the client did not clip, and its update would void the privacy guarantee")

@@ -219,3 +219,13 @@ def test_first_order_adaptation_equals_the_torch_func_path_for_an_lstm():
     for name in params:
         torch.testing.assert_close(eager[name], transformed[name].detach())
         assert not eager[name].requires_grad
+
+
+def test_check_update_returns_the_norm_and_finds_inf_in_any_tensor():
+    reference = {"w": torch.zeros(2), "b": torch.zeros(1)}
+    assert check_update({"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([12.0])}, reference) == pytest.approx(13.0)
+    with pytest.raises(ValueError, match="'w' holds NaN or Inf"):
+        check_update({"w": torch.tensor([float("inf"), 0.0]), "b": torch.tensor([1.0])}, reference)
+    # Finite values whose squares overflow are not called NaN: the norm (inf) is left to the norm bounds.
+    huge = {"w": torch.tensor([1e200, 0.0], dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
+    assert check_update(huge, {k: v.clone() for k, v in huge.items()}) == float("inf")

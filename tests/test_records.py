@@ -1,10 +1,11 @@
 """Parameter dicts to Flower records and back: exact, for every dtype, and through the slow path too."""
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from metafleet.common.records import from_array_record, to_array_record
+from metafleet.common.records import from_array_record, to_array, to_array_record
 
 
 def test_round_trip_is_exact_for_every_dtype_and_shape():
@@ -35,3 +36,15 @@ def test_arrays_of_legacy_parameters_without_a_declared_dtype_are_read():
     record = compat.parameters_to_arrayrecord(ndarrays_to_parameters(values), keep_input=True)
     back = list(from_array_record(record).values())
     assert all(np.array_equal(b.numpy(), v) and b.numpy().dtype == v.dtype for b, v in zip(back, values, strict=True))
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.randn(40, 1), torch.zeros(()), torch.arange(5), torch.ones(0, 3), torch.rand(3, 4).double(),
+    torch.tensor([True, False]), torch.randn(4, 5).t(), torch.randn(2, 3).half(),
+])
+def test_to_array_writes_flowers_own_bytes(tensor):
+    # Pins records.to_array to Flower's serialization: fails if Array.from_numpy_ndarray changes its format.
+    ours = to_array(tensor)
+    flowers = Array.from_numpy_ndarray(tensor.detach().contiguous().numpy())
+    assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype, flowers.data)
+    assert torch.equal(from_array_record(ArrayRecord(array_dict={"x": ours}))["x"], tensor.contiguous())
