@@ -46,5 +46,6 @@ def test_to_array_writes_flowers_own_bytes(tensor):
     # Pins records.to_array to Flower's serialization: fails if Array.from_numpy_ndarray changes its format.
     ours = to_array(tensor)
     flowers = Array.from_numpy_ndarray(tensor.detach().contiguous().numpy())
-    assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype, flowers.data)
+    fields = ("dtype", "shape", "stype", "data")
+    assert [getattr(ours, f) for f in fields] == [getattr(flowers, f) for f in fields]
     assert torch.equal(from_array_record(ArrayRecord(array_dict={"x": ours}))["x"], tensor.contiguous())
