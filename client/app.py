@@ -29,7 +29,7 @@ from pathlib import Path
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -185,10 +185,38 @@ def _held_out(config: RunConfig) -> frozenset[int]:
     return frozenset(split_clients(config)[1])
 
 
-@lru_cache(maxsize=4)
+class _ClientDataCache:
+    """Simulated devices' data, built and validated once per process while it fits: a simulation's process
+    answers for many devices (every one in-process, many per Ray worker), and rebuilding a device's data each
+    time it was sampled was a fifth of a vectorized sinusoid round. Bounded by tensor bytes and by devices
+    (a sinusoid device's objects weigh more than its 800 bytes of tensors), least recently used out first."""
+
+    def __init__(self, max_bytes: int, max_devices: int):
+        self.max_bytes, self.max_devices = max_bytes, max_devices
+        self._entries: OrderedDict[tuple[RunConfig, int], tuple[ClientData, int]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, config: RunConfig, client_id: int) -> ClientData:
+        key = (config, client_id)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry[0]
+        data = _fleet(config).client(client_id)
+        size = sum(t.nbytes for split in data.splits for batch in (split.support, split.query) for t in batch)
+        self._entries[key] = (data, size)
+        self._bytes += size
+        while len(self._entries) > 1 and (self._bytes > self.max_bytes or len(self._entries) > self.max_devices):
+            _, (_, freed) = self._entries.popitem(last=False)
+            self._bytes -= freed
+        return data
+
+
+_CLIENT_DATA = _ClientDataCache(max_bytes=128 * 2**20, max_devices=20_000)
+
+
 def _client_data(config: RunConfig, client_id: int) -> ClientData:
-    # Built and validated once per process: a device answers many messages of one run.
-    return _fleet(config).client(client_id)
+    return _CLIENT_DATA.get(config, client_id)
 
 
 class Device:
@@ -298,44 +326,17 @@ def train_reply(msg: Message, context: Context, device: Device, data: ClientData
     so, compressed where it says so (plain path), and packed for the plain or the secure (SecAgg+) path.
     ``update`` and ``params``: the local update and the received θ (checked), where the caller has them
     already (the vectorized simulation computes a round's updates at once, from one θ)."""
-    start = time.perf_counter()
-    if device.held_out:
-        raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
-    secure = LEGACY_PARAMS in msg.content.array_records
-    if device.config.secure_aggregation and not secure:
-        raise AggregationModeError(
-            "the run asks for secure aggregation but the server sent a plain training request: the server app "
-            "does not run SecAgg+, so this device keeps its update"
-        )
-    params = device.received_params(msg) if params is None else params
-    server_round = int(msg.content[LEGACY_CONFIG if secure else "config"]["server-round"])
-    if update is None:
-        rng = training_rng(device.config, server_round, device.client_id)
-        update = client_train(device.fmodel, device.on_device(params), data or device.data, device.config, rng)
-    # A warning: flwr-clientapp configures no logging for metafleet, so an info line would never show.
-    log.warning("client %d: train took %.2f s", device.client_id, time.perf_counter() - start)
-    # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum
-    # (the server cannot see which client sent it), so the device refuses and drops out of the round.
-    pseudo_grad, weight = {name: t.cpu() for name, t in update.pseudo_grad.items()}, update.num_examples
-    check_update(pseudo_grad, params)
-    if device.config.differential_privacy:
-        pseudo_grad, _ = clip_to_norm(pseudo_grad, device.config.dp_clip_norm)
-        weight = 1
-    bound = device.config.defense_definition.device_bound
-    if bound is not None:
-        pseudo_grad, _ = clip_to_norm(pseudo_grad, bound)
-    if tamper is not None:
-        pseudo_grad = tamper(pseudo_grad)
-    if device.config.distributed_dp and secure:
+    if LEGACY_PARAMS not in msg.content.array_records:
+        arrays, metrics = plain_training_content(msg, context, device, data, tamper, update, params)
+        return Message(RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
+    pseudo_grad, weight, _, _ = _device_update(msg, device, data, tamper, update, params, secure=True)
+    if device.config.distributed_dp:
         # The device's share of the noise, from the OS's random source (never the run's seed, which the server
         # knows), on SecAgg+'s lattice so that masking and unmasking add no rounding of their own.
         pseudo_grad, _ = distributed_dp_share(
             pseudo_grad, device.config.dp_clip_norm, device.config.dp_noise_multiplier, device.config.min_replies,
             device.config.secagg_step, np.random.default_rng(secrets.randbits(128)))
-    if not secure:
-        metrics = MetricRecord({"num-examples": weight, **update.metrics})
-        arrays = _compressed(pseudo_grad, params, device.config, context, server_round, device.client_id)
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
     norm = global_norm(pseudo_grad)
     if norm > device.config.max_update_norm:
         # The plain server drops such a reply; the secure one cannot see it, so the device checks.
@@ -352,8 +353,54 @@ def train_reply(msg: Message, context: Context, device: Device, data: ClientData
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def plain_training_content(msg: Message, context: Context, device: Device, data: ClientData | None = None,
+                           tamper: Tamper | None = None, update: LocalUpdate | None = None,
+                           params: Params | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """What a plain training reply carries: its arrays (the update, or its compressed form) and its metrics
+    (``num-examples`` among them). ``train_reply`` packs them into the reply's records; the vectorized
+    simulation hands them to the server as they are (``metafleet.common.records.TrainingReply``)."""
+    pseudo_grad, weight, metrics, params = _device_update(msg, device, data, tamper, update, params, secure=False)
+    server_round = int(msg.content["config"]["server-round"])
+    arrays = _compressed(pseudo_grad, params, device.config, context, server_round, device.client_id)
+    return arrays, {"num-examples": weight, **metrics}
+
+
+def _device_update(msg: Message, device: Device, data: ClientData | None, tamper: Tamper | None,
+                   update: LocalUpdate | None, params: Params | None,
+                   secure: bool) -> tuple[Params, float, dict[str, float], Params]:
+    """The local update as it may leave the device: (pseudo-gradient, weight, metrics, received θ)."""
+    start = time.perf_counter()
+    if device.held_out:
+        raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
+    if device.config.secure_aggregation and not secure:
+        raise AggregationModeError(
+            "the run asks for secure aggregation but the server sent a plain training request: the server app "
+            "does not run SecAgg+, so this device keeps its update"
+        )
+    params = device.received_params(msg) if params is None else params
+    if update is None:
+        server_round = int(msg.content[LEGACY_CONFIG if secure else "config"]["server-round"])
+        rng = training_rng(device.config, server_round, device.client_id)
+        update = client_train(device.fmodel, device.on_device(params), data or device.data, device.config, rng)
+    # A warning: flwr-clientapp configures no logging for metafleet, so an info line would never show.
+    log.warning("client %d: train took %.2f s", device.client_id, time.perf_counter() - start)
+    # Never send a broken update: the server would drop it, and under SecAgg+ a NaN would poison the sum
+    # (the server cannot see which client sent it), so the device refuses and drops out of the round.
+    pseudo_grad, weight = {name: t.cpu() for name, t in update.pseudo_grad.items()}, update.num_examples
+    check_update(pseudo_grad, params)
+    if device.config.differential_privacy:
+        pseudo_grad, _ = clip_to_norm(pseudo_grad, device.config.dp_clip_norm)
+        weight = 1
+    bound = device.config.defense_definition.device_bound
+    if bound is not None:
+        pseudo_grad, _ = clip_to_norm(pseudo_grad, bound)
+    if tamper is not None:
+        pseudo_grad = tamper(pseudo_grad)
+    return pseudo_grad, weight, update.metrics, params
+
+
 def _compressed(update: Params, params: Params, config: RunConfig, context: Context, server_round: int,
-                client_id: int) -> ArrayRecord:
+                client_id: int) -> dict[str, np.ndarray]:
     """The reply's arrays: the update itself, or the layers of it that changed most (--selective-layers), each
     either as they are or compressed. What top-k or the layer selection left out stays in the device's
     context and joins the next round's update (error feedback)."""
@@ -365,7 +412,7 @@ def _compressed(update: Params, params: Params, config: RunConfig, context: Cont
         context.state.array_records[UNSENT_LAYERS_RECORD] = to_array_record(unsent)
         flags = sent_flags(update, list(params))
     if not compression.active and flags is None:
-        return to_array_record(update)
+        return {name: t.detach().numpy() for name, t in update.items()}
     residual = _kept(context, RESIDUAL_RECORD, update) if compression.kind == "topk" else None
     payload, residual = encode(update, compression, np.random.default_rng([config.seed, server_round, client_id, 8]),
                                residual)
@@ -373,8 +420,7 @@ def _compressed(update: Params, params: Params, config: RunConfig, context: Cont
         context.state.array_records[RESIDUAL_RECORD] = to_array_record(residual)
     if flags is not None:
         payload[SENT_KEY] = flags
-    return ArrayRecord(OrderedDict((name, torch.from_numpy(np.ascontiguousarray(value)))
-                                   for name, value in payload.items()))
+    return payload
 
 
 def _kept(context: Context, record: str, like: Params) -> Params | None:

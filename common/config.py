@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -370,11 +371,11 @@ class RunConfig:
 
     @property
     def defense_definition(self) -> Defense:
-        return Defense.parse(self.defense)
+        return _parsed_defense(self.defense)
 
     @property
     def compression(self) -> Compression:
-        return Compression.parse(self.compress)
+        return _parsed_compression(self.compress)
 
     @property
     def task_definition(self) -> Task:
@@ -521,3 +522,14 @@ def _parse_int_list(name: str, text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ConfigError(name, text, "must be comma-separated integers") from None
+
+
+# Asked for on every training reply, on both sides: parsed once per value (both results are frozen).
+@lru_cache(maxsize=64)
+def _parsed_defense(text: str) -> Defense:
+    return Defense.parse(text)
+
+
+@lru_cache(maxsize=64)
+def _parsed_compression(text: str) -> Compression:
+    return Compression.parse(text)

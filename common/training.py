@@ -38,10 +38,16 @@ def weighted_mean(updates: Sequence[Params], weights: Sequence[float]) -> Params
     total = float(sum(weights))
     if not total > 0:
         raise ValueError(f"aggregation weights must sum to > 0, got {list(weights)}")
-    return {
-        name: sum(update[name] * (weight / total) for update, weight in zip(updates, weights, strict=True))
-        for name in updates[0]
-    }
+    # One weighted sum per tensor over the stacked updates, not one multiply-add per update and tensor (600
+    # small kernels for a round of 100 devices of a 6-tensor model, a twentieth of a vectorized round).
+    fractions = torch.tensor([weight / total for weight in weights], dtype=torch.float64)
+    mean = {}
+    for name in updates[0]:
+        stacked = torch.stack([update[name] for update in updates])
+        if not stacked.is_floating_point():
+            stacked = stacked.to(torch.get_default_dtype())
+        mean[name] = torch.tensordot(fractions.to(stacked.dtype), stacked, dims=1)
+    return mean
 
 
 def client_train(

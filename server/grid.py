@@ -18,11 +18,15 @@ from flwr.app import Message
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from metafleet.common.records import TrainingReply, reply_content_bytes
 from metafleet.server.strategy import short_reason
 
 
-def content_bytes(message: Message) -> int:
-    """Serialized size of a message's content: what Flower puts on the wire, less the envelope."""
+def content_bytes(message: Message | TrainingReply) -> int:
+    """Serialized size of a message's content: what Flower puts on the wire, less the envelope. For a reply
+    that no Message carried (the vectorized simulation's), the size its Message would have had."""
+    if isinstance(message, TrainingReply):
+        return reply_content_bytes(message.arrays, message.metrics)
     return recorddict_to_proto(message.content).ByteSize() if message.has_content() else 0
 
 
@@ -68,7 +72,8 @@ class MeteredGrid(_DelegatingGrid):
         self.bytes_up = 0
         self.errors: list[tuple[int, str]] = []
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message | TrainingReply]:
         messages = list(messages)
         # A round sends one θ record and one config record to every device: sized once, not once per device.
         sizes: dict[tuple[tuple[str, int], ...], int] = {}
@@ -81,7 +86,7 @@ class MeteredGrid(_DelegatingGrid):
             self.bytes_down += sizes[shared]
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
-            if reply.has_error():
+            if isinstance(reply, Message) and reply.has_error():
                 self.errors.append((reply.metadata.src_node_id, short_reason(reply.error.reason)))
             else:
                 self.bytes_up += content_bytes(reply)

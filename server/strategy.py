@@ -29,7 +29,7 @@ from metafleet.common.finetune import FINETUNES_KEY, METRIC_PREFIXES
 from metafleet.common.fleets import functional_model
 from metafleet.common.meta import Params, check_update, learned_rate_summary, project_learned_rates
 from metafleet.common.optim import OuterOptimizer, make_outer_optimizer
-from metafleet.common.records import from_array_record, to_array_record
+from metafleet.common.records import TrainingReply, numpy_arrays, to_array_record
 from metafleet.common.selective import sent_reference
 from metafleet.server.defenses import (
     RepresentationalSimilarity,
@@ -70,6 +70,23 @@ def short_reason(reason: str) -> str:
     if marker in reason:
         reason = reason[reason.rindex(marker) + len(marker):]
     return reason.strip().strip("'>").strip()[-300:]
+
+
+def training_reply(reply: Message) -> TrainingReply:
+    """A plain training reply's content, checked for form (``ValueError`` naming what is wrong)."""
+    if reply.has_error():
+        raise ValueError(f"the client failed: {short_reason(reply.error.reason)}")
+    content = reply.content
+    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+        raise ValueError(
+            f"reply must hold one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
+            f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
+        )
+    return TrainingReply(reply.metadata.src_node_id, numpy_arrays(content["arrays"]), dict(content["metrics"]))
+
+
+def sender(reply: Message | TrainingReply) -> int:
+    return reply.node if isinstance(reply, TrainingReply) else reply.metadata.src_node_id
 
 
 class MetaStrategy(FedAvg):
@@ -120,16 +137,18 @@ class MetaStrategy(FedAvg):
         return sampled
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message | TrainingReply]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's meta-update from the replies: Flower Messages, or, from the vectorized simulation,
+        ``TrainingReply`` rows that no Message carried (validated alike from their arrays on)."""
         updates, weights, metrics = [], [], []
         replies = list(replies)
-        answered = {reply.metadata.src_node_id for reply in replies}
+        answered = {sender(reply) for reply in replies}
         for node in self.last_round.sampled_nodes:
             if node not in answered:
                 self._reject(server_round, node, "no reply before the round's timeout")
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = sender(reply)
             try:
                 update, weight, reply_metrics = self._validated(reply)
             except ValueError as error:
@@ -175,22 +194,16 @@ class MetaStrategy(FedAvg):
         self.params = project_learned_rates(self.optimizer.step(self.params, mean_pseudo_grad))
         self.last_round.metrics.update(learned_rate_summary(self.params))
 
-    def _validated(self, reply: Message) -> tuple[Params, float, dict[str, float]]:
-        if reply.has_error():
-            raise ValueError(f"the client failed: {short_reason(reply.error.reason)}")
-        content = reply.content
-        if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
-            raise ValueError(
-                f"reply must hold one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
-                f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
-            )
-        metrics = dict(content["metrics"])
+    def _validated(self, reply: Message | TrainingReply) -> tuple[Params, float, dict[str, float]]:
+        if isinstance(reply, Message):
+            reply = training_reply(reply)
+        metrics = dict(reply.metrics)
         weight = metrics.pop("num-examples", None)
         if not isinstance(weight, (int, float)) or not (0 < weight < 1e9) or not math.isfinite(weight):
             raise ValueError(f"'num-examples' must be a positive number, got {weight!r}")
         if self.privacy is not None:
             weight = 1  # one client's influence on the mean is then at most clip_norm / clients
-        payload = {name: tensor.numpy() for name, tensor in from_array_record(content["arrays"]).items()}
+        payload = reply.arrays
         reference = self.reference
         if self.config.selective_layers:
             payload, reference = sent_reference(payload, reference)

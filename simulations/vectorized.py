@@ -6,8 +6,10 @@ aggregation, defences, the outer optimizer, checkpoints, resume and the run dire
 reimplemented. Only the devices' side of a training round changes: instead of one ClientApp call per
 message, every sampled device's episode is drawn exactly as its ClientApp would draw it
 (``training_rng``, ``training_episode``), the local updates of same-shaped episodes are computed together
-(``metafleet.common.vectorized``, ``torch.func.vmap``), and each device's reply is then packed by the
-ClientApp's own ``train_reply`` (its checks, clipping and compression), without serializing the messages.
+(``metafleet.common.vectorized``, ``torch.func.vmap``), and each device's reply content is made by the
+ClientApp's own ``plain_training_content`` (its checks, clipping and compression). That content reaches the
+server as a ``TrainingReply`` row, not a Message: packing every small update into Flower records and parsing
+it back was most of a round's cost, and the strategy validates a row from its arrays on with the same code.
 Held-out devices' evaluation is batched likewise (``metafleet.common.vectorized_eval``: the curve and the
 on-device guard under vmap) and packed by the ClientApp's own ``evaluation_reply``; head-only and proximal
 fine-tuning, discovery's one query and attacking devices go through the real ClientApp, as in-process.
@@ -17,15 +19,22 @@ SecAgg+ needs the message exchange of its four stages: it stays on the ray and i
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Error, Message, MessageType
 
-from metafleet.client.app import FINETUNES_KEY, Device, evaluation_reply, evaluation_request, train_reply
+from metafleet.client.app import (
+    FINETUNES_KEY,
+    Device,
+    evaluation_reply,
+    evaluation_request,
+    plain_training_content,
+)
 from metafleet.common.config import RunConfig
 from metafleet.common.errors import MetafleetError
 from metafleet.common.meta import step_sizes
+from metafleet.common.records import TrainingReply
 from metafleet.common.training import training_episode, training_rng
 from metafleet.common.vectorized import batched_updates
 from metafleet.common.vectorized_eval import batched_personalization
@@ -41,7 +50,12 @@ def check_vectorizable(config: RunConfig) -> None:
 
 @dataclass
 class VectorizedGrid(InProcessGrid):
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    # Node id -> its Device: what a simulated device is (config, model, client id, role) comes from its
+    # context, fixed for the run, so it is worked out once per device here, not once per message.
+    devices: dict[int, Device] = field(default_factory=dict, init=False, repr=False)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message | TrainingReply]:
         messages = list(messages)
         training, evaluation, others = [], [], []
         for message in messages:
@@ -69,19 +83,25 @@ class VectorizedGrid(InProcessGrid):
             return self.contexts.client_ids()
         return {node: int(context.node_config["partition-id"]) for node, context in self.contexts.items()}
 
+    def _device(self, node: int) -> Device:
+        device = self.devices.get(node)
+        if device is None:
+            device = self.devices[node] = Device(self.contexts[node])
+        return device
+
     def _attacks(self, message: Message) -> bool:
         # A simulated attacker's work is its own (poisoned data, tampering): the attacking ClientApp does it.
         attacking = getattr(self.client_app, "is_attacker", None)
         return attacking is not None and attacking(self.contexts[message.metadata.dst_node_id])
 
-    def _train(self, messages: list[Message]) -> list[Message]:
+    def _train(self, messages: list[Message]) -> list[Message | TrainingReply]:
         if not messages:
             return []
         devices, episodes, failed = [], [], []
         for message in messages:
             context = self.contexts[message.metadata.dst_node_id]
             try:
-                device = Device(context)
+                device = self._device(message.metadata.dst_node_id)
                 if device.held_out:
                     raise RuntimeError(f"client {device.client_id} is held out for evaluation and never trains")
                 server_round = int(message.content["config"]["server-round"])
@@ -113,7 +133,8 @@ class VectorizedGrid(InProcessGrid):
             for index, update in zip(members, updates, strict=True):
                 message, context, device = devices[index]
                 try:
-                    replies.append(train_reply(message, context, device, update=update, params=received))
+                    arrays, metrics = plain_training_content(message, context, device, update=update, params=received)
+                    replies.append(TrainingReply(message.metadata.dst_node_id, arrays, metrics))
                 except Exception as error:  # noqa: BLE001
                     replies.append(_error_reply(message, error))
         return replies + failed
@@ -126,7 +147,7 @@ class VectorizedGrid(InProcessGrid):
         devices, failed = [], []
         for message in messages:
             try:
-                device = Device(self.contexts[message.metadata.dst_node_id])
+                device = self._device(message.metadata.dst_node_id)
                 config, _ = evaluation_request(message, device)
                 episodes = [episode.to(device.torch_device) for episode in device.data.evaluation_episodes(
                     config.shots, config.seed, config.ways or None, config.eval_episodes)]

@@ -93,3 +93,19 @@ def test_an_unusable_torch_device_is_named(name, problem, monkeypatch):
     del context.node_config["torch-device"]
     with pytest.raises(Exception, match=problem):
         client_app.train(_train_message(initial_params(CONFIG)), context)
+
+
+def test_simulated_devices_data_is_kept_within_its_bounds():
+    from metafleet.client.app import _ClientDataCache
+
+    config = RunConfig.resolve(dataset="sinusoid", algorithm="reptile", clients=50)
+    cache = _ClientDataCache(max_bytes=10**9, max_devices=3)
+    first = cache.get(config, 0)
+    assert cache.get(config, 0) is first  # built once
+    for client_id in (1, 2, 3):
+        cache.get(config, client_id)
+    assert cache.get(config, 0) is not first  # the least recently used went first
+    one_device = sum(t.nbytes for split in first.splits for batch in (split.support, split.query) for t in batch)
+    small = _ClientDataCache(max_bytes=2 * one_device, max_devices=100)
+    kept = [small.get(config, client_id) for client_id in range(5)]
+    assert small.get(config, 4) is kept[4] and small.get(config, 3) is kept[3] and small.get(config, 0) is not kept[0]

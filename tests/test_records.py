@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from metafleet.common.records import from_array_record, to_array, to_array_record
+from metafleet.common.records import from_array_record, reply_content_bytes, to_array, to_array_record
 
 
 def test_round_trip_is_exact_for_every_dtype_and_shape():
@@ -49,3 +49,23 @@ def test_to_array_writes_flowers_own_bytes(tensor):
     fields = ("dtype", "shape", "stype", "data")
     assert [getattr(ours, f) for f in fields] == [getattr(flowers, f) for f in fields]
     assert torch.equal(from_array_record(ArrayRecord(array_dict={"x": ours}))["x"], tensor.contiguous())
+
+
+@pytest.mark.parametrize("arrays, metrics", [
+    ({"w": np.zeros((40, 40), np.float32), "b": np.ones(40, np.float32)},
+     {"num-examples": 15, "loss-before": 2.5, "loss-after": 0.0}),
+    ({"w": np.zeros((3,), np.float64)}, {"num-examples": 1}),
+    ({"w": np.zeros((3,), np.float64)}, {"num-examples": 10**12, "negative": -300}),
+    ({"q8-codes": np.arange(100, dtype=np.uint8), "q8-range": np.zeros((2, 2), np.float32),
+      "sent": np.array([1, 0, 1], np.uint8)}, {"num-examples": 300, "loss-after": float("nan")}),
+    ({"scalar": np.float32(1.5) * np.ones((), np.float32), "empty": np.zeros((0, 4), np.int64)}, {}),
+])
+def test_reply_content_bytes_is_the_size_of_the_reply_flower_would_serialize(arrays, metrics):
+    from flwr.app import MetricRecord, RecordDict
+
+    from metafleet.server.grid import content_bytes
+    from tests.flower_messages import reply_from
+
+    for _ in range(2):  # computed, then from the caches
+        message = reply_from(3, RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics)}))
+        assert reply_content_bytes(arrays, metrics) == content_bytes(message)
