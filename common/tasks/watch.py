@@ -54,8 +54,9 @@ num_classes = NUM_CLASSES
 prototype_heads = True
 sampling = "per-class"
 # Chosen on training clients only (see docs/benchmarks.md); never tuned on held-out clients.
+# head_finetune_lr: chosen as finetune_lr was (scripts/watch-validation ... finetune=head; docs/benchmarks.md).
 defaults = TaskDefaults(shots=5, query_shots=10, inner_lr=0.05, eval_steps=(0, 1, 5), clients=NUM_SUBJECTS,
-                        held_out_clients=2, finetune_lr=0.002)
+                        held_out_clients=2, finetune_lr=0.002, head_finetune_lr=0.02)
 benchmark = BenchmarkPlan(
     (BenchmarkSetting("7-way 5-shot", {"shots": 5}), BenchmarkSetting("7-way 1-shot", {"shots": 1})),
     rounds=100, folds=tuple(range(5)), seeds=(0, 1), common={"eval_every": 20, "clients_per_round": 8})
