@@ -77,11 +77,12 @@ def reply_content_bytes(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, 
     """``recorddict_to_proto(RecordDict({"arrays": ..., "metrics": ...})).ByteSize()`` of a plain training reply,
     without building it (tests/test_records.py compares the two). A RecordDict is a repeated field of
     records, so its size is the sum of its records'; an array record's size depends only on its arrays'
-    names, dtypes and shapes, a metric record's only on its keys, its integers' values (varints) and which
-    values are floats (fixed 8 bytes): each is computed once per such signature."""
+    names, dtypes and shapes, a metric record's only on its keys and its integers' values (varints): a float
+    is a fixed 8-byte double, so every float counts as 0.0. Each is computed once per such signature."""
     array_key = tuple((name, value.dtype.str, value.shape) for name, value in arrays.items())
-    metric_key = tuple((name, value if isinstance(value, int) else type(value)) for name, value in metrics.items())
-    return _array_record_bytes(array_key) + _metric_record_bytes(metric_key, tuple(metrics.values()))
+    metric_key = tuple((name, value if isinstance(value, int) else tuple(value) if isinstance(value, list) else 0.0)
+                       for name, value in metrics.items())
+    return _array_record_bytes(array_key) + _metric_record_bytes(metric_key)
 
 
 @lru_cache(maxsize=4096)
@@ -90,17 +91,10 @@ def _array_record_bytes(signature: tuple[tuple[str, str, tuple[int, ...]], ...])
     return recorddict_to_proto(RecordDict({"arrays": to_array_record(like)})).ByteSize()
 
 
-_METRIC_SIZES: dict[tuple, int] = {}
-
-
-def _metric_record_bytes(signature: tuple, values: tuple) -> int:
-    size = _METRIC_SIZES.get(signature)
-    if size is None:
-        metrics = MetricRecord(dict(zip((name for name, _ in signature), values, strict=True)))
-        size = recorddict_to_proto(RecordDict({"metrics": metrics})).ByteSize()
-        if len(_METRIC_SIZES) < 65536:  # integers of every value could grow it without bound
-            _METRIC_SIZES[signature] = size
-    return size
+@lru_cache(maxsize=4096)
+def _metric_record_bytes(signature: tuple[tuple[str, int | float | tuple], ...]) -> int:
+    like = MetricRecord({name: list(value) if isinstance(value, tuple) else value for name, value in signature})
+    return recorddict_to_proto(RecordDict({"metrics": like})).ByteSize()
 
 
 def _numpy(array: Array) -> np.ndarray:

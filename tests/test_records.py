@@ -59,6 +59,7 @@ def test_to_array_writes_flowers_own_bytes(tensor):
     ({"q8-codes": np.arange(100, dtype=np.uint8), "q8-range": np.zeros((2, 2), np.float32),
       "sent": np.array([1, 0, 1], np.uint8)}, {"num-examples": 300, "loss-after": float("nan")}),
     ({"scalar": np.float32(1.5) * np.ones((), np.float32), "empty": np.zeros((0, 4), np.int64)}, {}),
+    ({"w": np.zeros((2,), np.float32)}, {"num-examples": 7, "curve": [0.5, 1e300], "counts": [1, -2, 2**40]}),
 ])
 def test_reply_content_bytes_is_the_size_of_the_reply_flower_would_serialize(arrays, metrics):
     from flwr.app import MetricRecord, RecordDict
