@@ -80,9 +80,14 @@ def reply_content_bytes(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, 
     names, dtypes and shapes, a metric record's only on its keys and its integers' values (varints): a float
     is a fixed 8-byte double, so every float counts as 0.0. Each is computed once per such signature."""
     array_key = tuple((name, value.dtype.str, value.shape) for name, value in arrays.items())
-    metric_key = tuple((name, value if isinstance(value, int) else tuple(value) if isinstance(value, list) else 0.0)
+    metric_key = tuple((name, tuple(map(_size_alike, value)) if isinstance(value, list) else _size_alike(value))
                        for name, value in metrics.items())
     return _array_record_bytes(array_key) + _metric_record_bytes(metric_key)
+
+
+def _size_alike(value: int | float) -> int | float:
+    """An integer as it is (a varint's size depends on it), a float as 0.0 (a double is 8 bytes whatever it holds)."""
+    return value if isinstance(value, int) else 0.0
 
 
 @lru_cache(maxsize=4096)
