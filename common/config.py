@@ -197,6 +197,8 @@ class RunConfig:
                 filled["inner_lr"] = defaults.prototype_inner_lr
             if "train_ways" not in given and filled["ways"] <= defaults.prototype_train_ways:
                 filled["train_ways"] = defaults.prototype_train_ways
+        if algorithm == "per-fedavg" and "inner_lr" not in given and defaults.per_fedavg_inner_lr:
+            filled["inner_lr"] = defaults.per_fedavg_inner_lr
         if algorithm == "fedavg" and "adapt_lr" not in given and defaults.finetune_lr:
             filled["adapt_lr"] = defaults.finetune_lr
         if algorithm == "fedavg" and "head_adapt_lr" not in given and defaults.head_finetune_lr:

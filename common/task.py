@@ -113,6 +113,9 @@ class TaskDefaults:
     # tuned it: Ditto's middle value (Li et al., ICML 2021, tried 0.01 to 2).
     head_finetune_lr: float = 0.0
     finetune_prox_lambda: float = 1.0
+    # Per-FedAvg's α = β (0: inner_lr), chosen on validation clients: its two steps a local step, the server
+    # then taking the whole mean step, diverge at a step the other methods train well with (sinusoid's 0.02).
+    per_fedavg_inner_lr: float = 0.0
 
 
 @dataclass(frozen=True)

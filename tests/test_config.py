@@ -66,3 +66,16 @@ def test_fedavg_fine_tunes_with_its_own_lr_where_a_dataset_has_one_and_old_runs_
         written_before = {k: v for k, v in fedavg.to_dict().items() if k != "adapt_lr"}
         assert RunConfig.from_dict(written_before).adaptation_lr == fedavg.inner_lr
         assert RunConfig.from_dict(fedavg.to_dict()) == fedavg
+
+
+def test_per_fedavg_trains_at_its_own_step_where_a_task_chose_one():
+    from metafleet.common.task import load_task
+
+    sinusoid = load_task("sinusoid").defaults
+    assert sinusoid.per_fedavg_inner_lr and sinusoid.per_fedavg_inner_lr != sinusoid.inner_lr
+    assert RunConfig.resolve(dataset="sinusoid", algorithm="per-fedavg").inner_lr == sinusoid.per_fedavg_inner_lr
+    assert RunConfig.resolve(dataset="sinusoid", algorithm="per-fedavg", inner_lr=0.123).inner_lr == 0.123
+    for algorithm in ("fedavg", "reptile", "maml"):  # the others keep the task's inner lr
+        assert RunConfig.resolve(dataset="sinusoid", algorithm=algorithm).inner_lr == sinusoid.inner_lr
+    watch = load_task("watch").defaults  # no step of its own: the inner lr
+    assert RunConfig.resolve(dataset="watch", algorithm="per-fedavg").inner_lr == watch.inner_lr

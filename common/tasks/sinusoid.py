@@ -24,8 +24,11 @@ clients_depend_on_seed = True  # each client's sinusoid is drawn from (seed, cli
 # fedavg+head-ft's lr and fedavg+prox-ft's λ: the best mean MSE after 10 steps on validation clients (fold 5
 # of seed 0, which the benchmark never reports; docs/benchmarks.md, "Baselines"): head lr 0.05 of
 # 0.2/0.1/0.05/0.02/0.01, λ 2 of 0.01/0.1/0.5/1/2/5/10 at the fine-tuning lr (the inner lr, 0.02).
+# Per-FedAvg's α = β: 0.005 of 0.02/0.005/0.002, the best after 10 steps on fold 1 (5-shot, 1,000 devices,
+# 5,000 rounds); at 0.02 its updates blew up (docs/benchmarks.md, "Per-FedAvg's step size").
 defaults = TaskDefaults(shots=10, query_shots=10, inner_lr=0.02, eval_steps=(0, 1, 5, 10), clients=200,
-                        held_out_clients=20, head_finetune_lr=0.05, finetune_prox_lambda=2.0)
+                        held_out_clients=20, head_finetune_lr=0.05, finetune_prox_lambda=2.0,
+                        per_fedavg_inner_lr=0.005)
 benchmark = BenchmarkPlan((BenchmarkSetting("10-shot"),), rounds=100, folds=(0,), seeds=(0, 1),
                           common={"clients": 200, "clients_per_round": 25, "inner_steps": 3, "eval_every": 50})
 
